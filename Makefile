@@ -1,0 +1,36 @@
+# `make help` lists the targets. The first target that needs Python creates .venv and installs everything.
+SHELL := /bin/bash
+PY := .venv/bin/python
+STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: help install test test-slow demo bench-prox bench-compaction bench-latency clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-26s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	rm -f .venv/.installed-* && touch $@
+
+install: $(STAMP) ## create .venv and install the pinned requirements and the wgsef package
+
+test: $(STAMP) ## run the test suite (fast tests; CPU, offline)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) ## run only the slow tests (longer trainings)
+	$(PY) -m pytest -q -m slow
+
+demo: $(STAMP) ## the main job: train on scikit-learn digits (offline) and write the run directory
+	$(PY) -m experiments.train trainer.epochs=15 hydra.run.dir=runs/demo
+
+bench-prox: $(STAMP) ## prox time vs number of groups -> results/prox_scaling.csv + figure
+	$(PY) scripts/bench_prox.py
+
+bench-compaction: $(STAMP) ## compaction equivalence and CPU speedup at 50% filter sparsity -> results/
+	$(PY) scripts/bench_compaction.py
+
+clean: ## remove run directories and caches (keeps .venv and results/)
+	rm -rf runs outputs multirun .pytest_cache

@@ -1,0 +1,21 @@
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def make_cfg():
+    """Compose the training config with overrides (Hydra compose API, no run directory)."""
+    def make(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+    return make

@@ -1,0 +1,65 @@
+"""Metric sinks behind one interface: CSV always, wandb on request.
+
+`log(row)` takes one epoch's metrics, `summary(d)` the final ones, `finish()` closes the sink (one
+wandb.finish() per job, so multirun works). Rows are rewritten from the checkpoint's history on resume,
+so metrics.csv never holds an epoch twice.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+
+class CSVLogger:
+    def __init__(self, run_dir: str | Path, config: dict | None = None):
+        self.path = Path(run_dir) / "metrics.csv"
+        self.rows: list[dict] = []
+
+    def restore(self, rows: list[dict]) -> None:
+        self.rows = [dict(r) for r in rows]
+        self._write()
+
+    def log(self, row: dict) -> None:
+        self.rows.append(dict(row))
+        self._write()
+
+    def _write(self) -> None:
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def summary(self, summary: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger(CSVLogger):
+    """CSV plus a wandb run; offline unless `mode="online"` or WANDB_MODE says otherwise."""
+
+    def __init__(self, run_dir: str | Path, config: dict | None = None, project: str = "wgsef",
+                 entity: str | None = None, group: str | None = None, tags: list[str] | None = None,
+                 mode: str = "offline", name: str | None = None):
+        super().__init__(run_dir, config)
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(project=project, entity=entity, group=group, tags=list(tags or []), name=name,
+                              config=config, dir=str(run_dir), mode=os.environ.get("WANDB_MODE", mode),
+                              reinit="finish_previous")
+
+    def log(self, row: dict) -> None:
+        super().log(row)
+        self.run.log(row, step=int(row["epoch"]))
+
+    def summary(self, summary: dict) -> None:
+        self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+
+    def finish(self) -> None:
+        self.run.finish()

@@ -1,0 +1,16 @@
+"""Model registry: `build(name, num_classes, in_channels, image_size, **kwargs)`."""
+from torch import nn
+
+from wgsef.models.lenet import LeNet5
+from wgsef.models.mobilenet import MobileNetV1
+from wgsef.models.resnet import ResNet
+from wgsef.models.vgg import VGG
+
+MODELS = {"lenet5": LeNet5, "vgg16": VGG, "resnet18": ResNet, "mobilenetv1": MobileNetV1}
+
+
+def build(name: str, num_classes: int, in_channels: int, image_size: int, **kwargs) -> nn.Module:
+    """Build a registered model; `width` (VGG, ResNet, MobileNet) scales every layer's channel count."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)

@@ -1,0 +1,28 @@
+"""Optimizer factories with one signature: `factory(model, regularizer, **hyperparameters)`.
+
+Hydra configs point at these with `_partial_: true`; the training loop calls `factory(model, regularizer)`
+after the regularizer has been attached, so each method can ask for its own param-group settings.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wgsef.penalties.base import Regularizer
+
+
+def param_groups(model: nn.Module, regularizer: Regularizer, weight_decay: float) -> list[dict]:
+    """The regularizer's special groups, then every other trainable parameter with `weight_decay`."""
+    special = [dict(g) for g in regularizer.param_groups(model)]
+    taken = {id(p) for g in special for p in g["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    groups = [g for g in special if g["params"]]
+    if rest:
+        groups.append({"params": rest, "weight_decay": weight_decay})
+    return groups
+
+
+def sgd(model: nn.Module, regularizer: Regularizer, lr: float, momentum: float = 0.9,
+        weight_decay: float = 5e-4, nesterov: bool = False) -> torch.optim.SGD:
+    return torch.optim.SGD(param_groups(model, regularizer, weight_decay), lr=lr, momentum=momentum,
+                           weight_decay=weight_decay, nesterov=nesterov)

@@ -1,0 +1,96 @@
+"""One training run from a composed config: build, fit, finalize, measure, summarise.
+
+This is the only library module that reads a config; it imports Hydra's `instantiate` lazily so the rest
+of the package stays usable without Hydra.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+from wgsef.train import Diverged, Trainer, resolve_device, seed_everything
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def instantiate(node, *args, **kwargs):
+    """hydra.utils.instantiate, re-raising the error of the target itself (a clear ValueError from a
+    constructor) rather than Hydra's wrapper around it."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except InstantiationException as e:
+        if e.__cause__ is not None:
+            raise e.__cause__ from None
+        raise
+
+
+def build(cfg, run_dir: Path):
+    """Instantiate data, model, regularizer, optimizer, scheduler and logger; returns a ready Trainer."""
+    from omegaconf import OmegaConf
+
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loaders = instantiate(cfg.dataset, batch_size=cfg.trainer.batch_size, num_workers=cfg.trainer.num_workers,
+                          generator=generator)
+    spec = loaders.spec
+    model = instantiate(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                        image_size=spec.image_size).to(device)
+    regularizer = instantiate(cfg.regularizer)
+    example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size, device=device)
+    model = regularizer.attach(model, example).to(device)
+    optimizer = instantiate(cfg.optimizer)(model, regularizer)
+    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
+    logger = instantiate(cfg.logger)(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
+    return Trainer(model, loaders, optimizer, scheduler, regularizer, epochs=cfg.trainer.epochs, device=device,
+                   run_dir=run_dir, logger=logger, generator=generator, progress=cfg.trainer.progress)
+
+
+def run(cfg, run_dir: str | Path, method: str = "") -> dict:
+    """Train as `cfg` says inside `run_dir`; write and return summary.json's content."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build(cfg, run_dir)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    resumed = bool(cfg.resume) and trainer.resume()
+    status, error = "completed", None
+    try:
+        state = trainer.fit()
+    except Diverged as e:
+        status, error, state = "diverged", str(e), trainer.state
+    final = state.history[-1] if state.history else {}
+    summary = {
+        "status": status, "error": error, "method": cfg.get("method") or method, "seed": cfg.seed,
+        "dataset": cfg.dataset.name, "model": cfg.model.name, "epochs": state.epoch, "resumed": resumed,
+        "final": final, "best_val": state.best, "test_acc": final.get("test_acc"),
+        "best_val_test_acc": state.best.get("test_acc"), "wall_time_s": state.wall_time,
+        "git_commit": git_commit(), "device": str(trainer.device),
+    }
+    if status == "completed":
+        trainer.model = trainer.regularizer.finalize(trainer.model)
+    write_json(summary, run_dir / "summary.json")
+    trainer.logger.summary(summary)
+    trainer.logger.finish()
+    return summary
