@@ -16,7 +16,20 @@ from wgsef.data import DatasetNotFound
 from wgsef.run import run, write_json
 from wgsef.train import CheckpointError
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger", "experiment")
 USER_ERRORS = (ValueError, DatasetNotFound, CheckpointError)
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Reject `group=option` overrides naming no config file, listing the valid ones (before Hydra starts)."""
+    for arg in argv:
+        group, _, value = arg.lstrip("+~").partition("=")
+        if group in GROUPS and value:
+            valid = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+            for option in value.split(","):
+                if option not in valid and option != "null":
+                    raise ValueError(f"unknown {group} '{option}'; choose one of {', '.join(valid)}")
 
 
 def default_method(choices) -> str:
@@ -24,12 +37,12 @@ def default_method(choices) -> str:
     return f"{method}+hspg" if choices.get("optimizer") == "hspg" else method
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="train")
 def main(cfg) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
-        run(cfg, run_dir, default_method(hc.runtime.choices))
+        summary = run(cfg, run_dir, default_method(hc.runtime.choices))
     except Exception as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if hc.mode == RunMode.MULTIRUN:  # record the failure, let the other members run
@@ -43,7 +56,20 @@ def main(cfg) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    if summary["status"] == "diverged" and hc.mode != RunMode.MULTIRUN:
+        print(f"diverged: {summary['error']} (last good checkpoint kept in {run_dir / 'checkpoints'})",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def cli() -> None:
+    try:
+        check_group_choices(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -44,19 +44,28 @@ def instantiate(node, *args, **kwargs):
         raise
 
 
+def check_trainer(t) -> None:
+    for key in ("epochs", "batch_size"):
+        if not isinstance(t[key], int) or t[key] < 1:
+            raise ValueError(f"trainer.{key} must be an integer >= 1, got {t[key]!r}")
+    if not isinstance(t.num_workers, int) or t.num_workers < 0:
+        raise ValueError(f"trainer.num_workers must be an integer >= 0, got {t.num_workers!r}")
+
+
 def build(cfg, run_dir: Path):
     """Instantiate data, model, regularizer, optimizer, scheduler and logger; returns a ready Trainer."""
     from omegaconf import OmegaConf
 
-    seed_everything(cfg.seed)
+    check_trainer(cfg.trainer)
     device = resolve_device(cfg.trainer.device)
+    regularizer = instantiate(cfg.regularizer)  # cheap constructors first: bad values fail before any work
+    seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     loaders = instantiate(cfg.dataset, batch_size=cfg.trainer.batch_size, num_workers=cfg.trainer.num_workers,
                           generator=generator)
     spec = loaders.spec
     model = instantiate(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels,
                         image_size=spec.image_size).to(device)
-    regularizer = instantiate(cfg.regularizer)
     example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size, device=device)
     model = regularizer.attach(model, example).to(device)
     optimizer = instantiate(cfg.optimizer)(model, regularizer)

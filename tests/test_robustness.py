@@ -1,0 +1,133 @@
+"""Runs that survive: bad configs rejected up front, SIGKILL at any moment resumes exactly, corrupt
+checkpoints and divergence reported clearly, a failing sweep member spoils nothing."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["trainer.progress=false", "trainer.epochs=3", "model=lenet5"]
+
+
+def train(*args, cwd=ROOT, driver: str | None = None):
+    """`python -m experiments.train args`; with `driver`, that Python code runs first in the process
+    (it patches a function to SIGKILL the process at a chosen moment)."""
+    code = "import sys, runpy\n" + (driver or "") + "\nsys.argv = ['train', *sys.argv[1:]]\n" \
+           "runpy.run_module('experiments.train', run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+BAD = [
+    (["model=alexnet"], "unknown model 'alexnet'; choose one of"),
+    (["dataset=mnist"], "unknown dataset 'mnist'; choose one of"),
+    (["regularizer=l0"], "unknown regularizer 'l0'; choose one of"),
+    (["optimizer=adamw"], "unknown optimizer 'adamw'; choose one of"),
+    (["scheduler=linear"], "unknown scheduler 'linear'; choose one of"),
+    (["logger=tensorboard"], "unknown logger 'tensorboard'; choose one of"),
+    (["trainer.batch_size=0"], "trainer.batch_size must be an integer >= 1"),
+    (["trainer.epochs=0"], "trainer.epochs must be an integer >= 1"),
+    (["trainer.num_workers=-1"], "trainer.num_workers must be an integer >= 0"),
+    (["trainer.device=tpu"], "device must be auto, cpu or cuda"),
+    (["trainer.device=cuda"], "no CUDA GPU is visible"),
+    (["dataset=cifar10", "dataset.root=/nonexistent", "dataset.download=false"], "cifar10 not found in /nonexistent"),
+    (["dataset=fashion_mnist", "dataset.root=/nonexistent", "dataset.download=false"], "fashion_mnist not found"),
+    (["dataset.image_size=4"], "lenet5 needs images of at least 12x12 pixels"),
+    (["model=nonsense,lenet5"], "unknown model 'nonsense'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_config_rejected(tmp_path, args, message, monkeypatch, capsys):
+    """In-process (the same code path as the command line, without a Python start-up per case)."""
+    from experiments.train import cli
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["train", *FAST, *args, f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit) as exit_:
+        cli()
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not run_dir.exists()
+
+
+KILLS = {  # where to SIGKILL the process, during epoch 2 of 3 (digits: 17 steps per epoch)
+    "mid_epoch": "Regularizer.after_step", "checkpoint_write": "torch.save", "evaluation": "evaluate",
+}
+DRIVER = """
+import os, signal, torch
+import wgsef.train as T
+from wgsef.penalties.base import Regularizer
+calls = {{"n": 0}}
+def killer(original, at):
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            if original is torch.save:  # leave a half-written temporary file behind
+                open(args[1], "wb").write(b"partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    return wrapped
+{patch}
+"""
+PATCHES = {
+    "mid_epoch": "Regularizer.after_step = killer(Regularizer.after_step, 25)",
+    "checkpoint_write": "T.torch.save = killer(torch.save, 2)",
+    "evaluation": "T.evaluate = killer(T.evaluate, 3)",
+}
+
+
+def metrics(run_dir):
+    return pd.read_csv(run_dir / "metrics.csv").drop(columns="time")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("full")
+    assert train(*FAST, f"hydra.run.dir={d}").returncode == 0
+    return d
+
+
+@pytest.mark.parametrize("moment", list(PATCHES))
+def test_sigkill_then_resume_is_exact(tmp_path, uninterrupted, moment):
+    r = train(*FAST, f"hydra.run.dir={tmp_path}", driver=DRIVER.format(patch=PATCHES[moment]))
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert not (tmp_path / "summary.json").exists()
+    r = train(*FAST, f"hydra.run.dir={tmp_path}", "resume=true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    pd.testing.assert_frame_equal(metrics(uninterrupted), metrics(tmp_path))
+    assert json.loads((tmp_path / "summary.json").read_text())["resumed"]
+
+
+def test_corrupt_checkpoint_reported(tmp_path, uninterrupted):
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a checkpoint")
+    r = train(*FAST, f"hydra.run.dir={tmp_path}", "resume=true")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot resume from {ckpt}" in lines[0]
+    assert ckpt.read_bytes() == b"not a checkpoint"  # nothing overwritten
+
+
+def test_divergence_stops_with_status(tmp_path):
+    # lr 1 is fine for epoch 1 on digits; a scheduler jump to 1e6 at epoch 2 makes the loss blow up
+    r = train(*FAST, f"hydra.run.dir={tmp_path}", "optimizer.lr=0.05", "scheduler=step",
+              "scheduler.milestones=[1]", "scheduler.gamma=1e8")
+    assert r.returncode == 1
+    assert "at epoch 2, step" in r.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["epochs"] == 1
+    assert (tmp_path / "checkpoints" / "last.pt").exists()  # the last good epoch's checkpoint is kept
+    assert len(metrics(tmp_path)) == 1
+
+
+def test_failing_sweep_member_isolated(tmp_path):
+    r = train("-m", *FAST, "trainer.epochs=1", "trainer.batch_size=64,0,32", f"hydra.sweep.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    status = {d.name: json.loads((d / "summary.json").read_text())["status"] for d in tmp_path.iterdir() if d.is_dir()}
+    assert status == {"0": "completed", "1": "failed", "2": "completed"}
+    assert "batch_size" in json.loads((tmp_path / "1" / "summary.json").read_text())["error"]
