@@ -75,6 +75,41 @@ def build(cfg, run_dir: Path):
                    run_dir=run_dir, logger=logger, generator=generator, progress=cfg.trainer.progress)
 
 
+def measure_run(model, cfg, spec, run_dir: Path) -> dict:
+    """Compact the trained model, save it, and measure params, FLOPs and latency dense vs compact.
+
+    Zeros that no channel removal can exploit (im2col columns, unstructured and N:M zeros) stay in the
+    compact model and are listed under `flops_only`. Models made of a method's own inference layers
+    (GBLR) are measured as they are: their efficient path is their compact form.
+    """
+    from wgsef.compress import compact, save_compact
+    from wgsef.measure import measure_model
+
+    m = cfg.measure
+    model = model.cpu().eval()
+    shape = (spec.in_channels, spec.image_size, spec.image_size)
+    out = {}
+    try:
+        small = compact(model, torch.zeros(1, *shape), round_to=m.round_to)
+    except Exception as e:  # a method's own layers that the dependency graph cannot prune through
+        small, out["compaction"] = model, f"skipped ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    else:
+        report = small.compaction_report
+        arch = {"name": cfg.model.name, "num_classes": spec.num_classes, "in_channels": spec.in_channels,
+                "image_size": spec.image_size, **{k: v for k, v in cfg.model.items() if k not in ("_target_", "name")}}
+        save_compact(small, run_dir / "compact.pt", arch)
+        write_json(report.widths(), run_dir / "compact.json")
+        zero_cols = sum(z for z, _ in report.shape_zero_columns.values())
+        out.update(compaction="done", removed_channels=report.removed_channels,
+                   zero_weights_left=report.zero_weights, zero_im2col_columns=zero_cols,
+                   flops_only=[name for name, n in (("im2col columns", zero_cols),
+                                                    ("unstructured/N:M zeros", report.zero_weights)) if n])
+    clock = "wall" if torch.cuda.is_available() else m.clock
+    out.update(measure_model(model, small, shape, batches=tuple(m.batches), threads=m.threads,
+                             min_run_time=m.min_run_time, clock=clock))
+    return out
+
+
 def run(cfg, run_dir: str | Path, method: str = "") -> dict:
     """Train as `cfg` says inside `run_dir`; write and return summary.json's content."""
     from omegaconf import OmegaConf
@@ -91,7 +126,7 @@ def run(cfg, run_dir: str | Path, method: str = "") -> dict:
         status, error, state = "diverged", str(e), trainer.state
     final = state.history[-1] if state.history else {}
     summary = {
-        "status": status, "error": error, "method": cfg.get("method") or method, "seed": cfg.seed,
+        "status": status, "error": error, "method": cfg.get("label") or method, "seed": cfg.seed,
         "dataset": cfg.dataset.name, "model": cfg.model.name, "epochs": state.epoch, "resumed": resumed,
         "final": final, "best_val": state.best, "test_acc": final.get("test_acc"),
         "best_val_test_acc": state.best.get("test_acc"), "wall_time_s": state.wall_time,
@@ -99,6 +134,8 @@ def run(cfg, run_dir: str | Path, method: str = "") -> dict:
     }
     if status == "completed":
         trainer.model = trainer.regularizer.finalize(trainer.model)
+        if cfg.measure.enabled:
+            summary.update(measure_run(trainer.model, cfg, trainer.loaders.spec, run_dir))
     write_json(summary, run_dir / "summary.json")
     trainer.logger.summary(summary)
     trainer.logger.finish()

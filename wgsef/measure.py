@@ -1,0 +1,123 @@
+"""Parameters, FLOPs, sparsity and latency, counted from the model itself (never from mask flags).
+
+FLOPs convention: FLOPs = 2 * MACs of conv / linear / matmul ops, exactly as torch's FlopCounterMode
+counts them (BN, activations, pooling and additions are not counted). `flops_reduction` and
+`params_reduction` are factors dense / compact (2.0 means half the work), `speedup_*` is latency
+dense / compact.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode, restoring each one's own training flag afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
+    """FLOPs (= 2 * MACs) of one forward pass on `example_input`, in eval mode, without gradients."""
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example_input)
+    return int(counter.get_total_flops())
+
+
+def sparsity(model: nn.Module) -> float:
+    """Parameter sparsity: the fraction of exact zeros over all parameters."""
+    total = count_params(model)
+    if total == 0:
+        raise ValueError("sparsity of a model without parameters is undefined")
+    return sum(int((p == 0).sum()) for p in model.parameters()) / total
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def latency_ms(model: nn.Module, example_input: torch.Tensor, device: str | torch.device,
+               threads: int | None = None, min_run_time: float = 0.5, warmup: int = 3,
+               clock: str = "wall", channels_last: bool = False) -> float:
+    """Median latency in ms of one eval-mode, no-grad forward pass on `device`.
+
+    Runs on a copy of the model; `warmup` untimed passes, then torch.utils.benchmark's blocked_autorange
+    for at least `min_run_time` seconds (which synchronises CUDA around each block). `threads` fixes
+    torch's intra-op thread count for the measurement (default: the current torch.get_num_threads()).
+    clock="cpu" times with the calling thread's CPU time instead of wall time: on a shared, oversubscribed
+    machine it leaves out the time the process waits for a core; it needs device cpu and threads=1.
+    channels_last converts model and input to NHWC first.
+    """
+    device = torch.device(device)
+    threads = threads or torch.get_num_threads()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("latency on cuda was requested but CUDA is not available")
+    if min_run_time <= 0 or warmup < 0:
+        raise ValueError(f"min_run_time must be > 0 and warmup >= 0, got {min_run_time}, {warmup}")
+    if clock not in CLOCKS or (clock == "cpu" and (device.type != "cpu" or threads != 1)):
+        raise ValueError(f"clock must be 'wall', or 'cpu' with device cpu and threads=1; got {clock!r}, "
+                         f"{device.type}, threads={threads}")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = copy.deepcopy(model).to(device, memory_format=memory_format).eval()
+    x = example_input.to(device, memory_format=memory_format)
+    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads,
+                            timer=CLOCKS[clock])
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def measure_model(model_dense: nn.Module, model_compact: nn.Module, image_shape, devices=None,
+                  batches=(1, 64), threads: int | None = None, min_run_time: float = 0.5,
+                  repeats: int = 1, clock: str = "wall", channels_last: bool = False) -> dict:
+    """Flat dict comparing a dense model with its compacted copy (see the module docstring for units).
+
+    image_shape is (C, H, W); devices defaults to CPU plus CUDA when available. Each latency is the
+    median over `repeats` measurements taken alternately dense / compact, so that a drifting machine
+    load biases neither side. Time spent is about 2 * repeats * min_run_time per device and batch.
+    clock and channels_last are passed to latency_ms and recorded in the dict.
+    """
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape must be (channels, height, width), got {tuple(image_shape)}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
+    threads = threads or torch.get_num_threads()
+    one = torch.randn(1, *image_shape)
+    out = {"params_dense": count_params(model_dense), "params_compact": count_params(model_compact),
+           "flops_dense": count_flops(model_dense, one), "flops_compact": count_flops(model_compact, one)}
+    out["params_reduction"] = out["params_dense"] / out["params_compact"]
+    out["flops_reduction"] = out["flops_dense"] / out["flops_compact"]
+    for device in devices:
+        for b in batches:
+            x = torch.randn(b, *image_shape)
+            key = f"{torch.device(device).type}_b{b}"
+            times = {"dense": [], "compact": []}
+            for _ in range(repeats):
+                for tag, model in (("dense", model_dense), ("compact", model_compact)):
+                    times[tag].append(latency_ms(model, x, device, threads, min_run_time, clock=clock,
+                                                 channels_last=channels_last))
+            for tag, values in times.items():
+                out[f"latency_ms_{key}_{tag}"] = statistics.median(values)
+            out[f"speedup_{key}"] = out[f"latency_ms_{key}_dense"] / out[f"latency_ms_{key}_compact"]
+    out.update(threads=threads, clock=clock, channels_last=channels_last)
+    return out
