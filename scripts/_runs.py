@@ -1,0 +1,234 @@
+"""Shared loading and aggregation for the reporting scripts (make_table, plot, wandb_to_csv, the notebook).
+
+A run becomes one flat *record* (dict): identity (dataset, model, method, seed, setting), status and error,
+and the reported numbers, NaN when a run does not have them. Records come from run directories
+(`load_runs`) or from wandb runs (`wandb_to_csv.record_from_wandb`), both through `make_record`; the
+table (`aggregate`, `write_table`) and the figures only read records.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+# Reported numbers, record column -> key in summary.json (looked up in summary["final"] first, then at
+# the top level, so the flat summary of a wandb run works too). Accuracies and sparsities are fractions.
+METRICS = {
+    "test_acc": "best_val_test_acc",  # test accuracy at the best validation epoch: the model-selection number
+    "final_test_acc": "test_acc",     # test accuracy of the final (finalized, compacted) model
+    "group_sparsity": "group_sparsity",
+    "weight_sparsity": "weight_sparsity",
+    "params_reduction": "params_reduction",
+    "flops_reduction": "flops_reduction",
+    "speedup_cpu_b1": "speedup_cpu_b1",
+    "speedup_cpu_b64": "speedup_cpu_b64",
+    "speedup_cuda_b1": "speedup_cuda_b1",
+    "speedup_cuda_b64": "speedup_cuda_b64",
+}
+KEYS = ["dataset", "model", "method", "setting"]
+# Config entries that never define a different experiment: they are not part of a run's `setting`.
+NOT_SETTING = ("seed", "name", "method", "resume", "paths.", "logger.", "hydra.", "dataset.name", "model.name",
+               "trainer.device", "trainer.progress", "trainer.num_workers")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become strings so that values are hashable."""
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def _number(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def make_record(run: str, config: dict, summary: dict | None, incomplete_reason: str = "") -> dict:
+    """One run as a flat record. `summary` is summary.json's content (or a wandb run's flat summary);
+    None means the run never finished writing one."""
+    summary = summary or {}
+    final, cfg = summary.get("final") or {}, flatten(config)
+
+    def get(key):
+        return final.get(key, summary.get(key))
+
+    status = summary.get("status") or "incomplete"
+    error = summary.get("error") or (incomplete_reason if status == "incomplete" else "")
+    best = get("best_val_test_acc")
+    record = {
+        "run": run, "status": status, "error": error or "",
+        "dataset": summary.get("dataset") or cfg.get("dataset.name") or "?",
+        "model": summary.get("model") or cfg.get("model.name") or "?",
+        "method": summary.get("method") or cfg.get("method") or "?",
+        "seed": summary.get("seed", cfg.get("seed")),
+        **{col: _number(get(key)) for col, key in METRICS.items()},
+        "flops_only": ", ".join(get("flops_only") or []),
+        "config": cfg,
+    }
+    if best is None:  # older summaries: only best_val {epoch, val_acc, test_acc}
+        record["test_acc"] = _number((summary.get("best_val") or {}).get("test_acc"))
+    return record
+
+
+def find_run_dirs(paths) -> list[Path]:
+    """Run directories under `paths` (each a run directory or a parent): folders holding summary.json,
+    config.yaml, metrics.csv or Hydra's .hydra/. Not searched inside a run (its .hydra/, wandb/ folders)."""
+    found = []
+    for top in map(Path, paths):
+        if not top.is_dir():
+            raise ValueError(f"{top} is not a directory; pass run directories or folders that contain them")
+        for root, dirs, files in os.walk(top):
+            if {"summary.json", "config.yaml", "metrics.csv"} & set(files) or ".hydra" in dirs:
+                found.append(Path(root))
+                dirs.clear()
+            else:
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "wandb")
+    return sorted(set(found))
+
+
+def load_metrics(run_dir) -> pd.DataFrame | None:
+    path = Path(run_dir) / "metrics.csv"
+    return pd.read_csv(path) if path.exists() and path.stat().st_size else None
+
+
+def load_run(run_dir) -> dict:
+    run_dir = Path(run_dir)
+    config_path = next((p for p in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml") if p.exists()), None)
+    config = yaml.safe_load(config_path.read_text()) if config_path else {}
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    reason = ""
+    if summary is None:
+        metrics = load_metrics(run_dir)
+        done = 0 if metrics is None else len(metrics)
+        reason = f"no summary.json: killed or still running (metrics.csv has {done} epochs)"
+    return make_record(str(run_dir), config, summary, reason)
+
+
+def add_settings(records: pd.DataFrame) -> pd.DataFrame:
+    """Fill `setting`: the config entries (lambda, k, epochs, ...) that differ between the runs of one
+    (dataset, model, method), as "k=0.5, lam=0.001"; runs differing only in seed share a setting."""
+    records = records.copy()
+    records["setting"] = ""
+    for _, idx in records.groupby(KEYS[:3]).groups.items():
+        configs = [records.at[i, "config"] for i in idx]
+        keys = sorted({k for c in configs for k in c if not k.startswith(NOT_SETTING)})
+        varying = [k for k in keys if len({str(c.get(k)) for c in configs}) > 1]
+        short = {k: k.rsplit(".", 1)[-1] for k in varying}
+        if len(set(short.values())) < len(short):  # ambiguous last components: keep the full names
+            short = {k: k for k in varying}
+        for i, c in zip(idx, configs):
+            records.at[i, "setting"] = ", ".join(f"{short[k]}={c.get(k)}" for k in varying)
+    return records
+
+
+def load_runs(paths) -> pd.DataFrame:
+    """Records of every run directory found under `paths`, with their `setting` filled."""
+    dirs = find_run_dirs(paths)
+    if not dirs:
+        raise ValueError(f"no run directories found under {', '.join(map(str, paths))}")
+    return records_frame([load_run(d) for d in dirs])
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    return add_settings(pd.DataFrame(records))
+
+
+def aggregate(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, model, method, setting) over the completed runs: n_runs, n_seeds (distinct
+    seeds), mean and sample std (ddof=1; NaN for one run) of every metric, and the flops_only structures."""
+    done = records[records["status"] == "completed"]
+    columns = [*KEYS, "n_runs", "n_seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), "flops_only"]
+    if done.empty:
+        return pd.DataFrame(columns=columns)
+    groups = done.groupby(KEYS, sort=True)
+    table = groups.agg(n_runs=("run", "size"), n_seeds=("seed", "nunique"))
+    stats = groups[list(METRICS)].agg(["mean", "std"])
+    stats.columns = [f"{m}_{s}" for m, s in stats.columns]
+    only = groups["flops_only"].agg(lambda s: ", ".join(sorted({x for v in s for x in v.split(", ") if x})))
+    return table.join(stats).join(only).reset_index()[columns]
+
+
+def problems(records: pd.DataFrame) -> pd.DataFrame:
+    """The runs left out of the table: failed, diverged or incomplete."""
+    return records[records["status"] != "completed"][["run", "status", "error", *KEYS, "seed"]]
+
+
+# -- writing -------------------------------------------------------------------------------------------
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command that is running, for the header of what it writes; `argv` as given to main(argv)."""
+    return shlex.join(["python", *(sys.argv if argv is None else [script, *argv])])
+
+
+MD_COLUMNS = {  # metric -> (header, format of a value); shown as mean ± std over seeds
+    "test_acc": ("test acc (%)", lambda x: f"{100 * x:.2f}"),
+    "final_test_acc": ("final test acc (%)", lambda x: f"{100 * x:.2f}"),
+    "group_sparsity": ("group sparsity (%)", lambda x: f"{100 * x:.1f}"),
+    "weight_sparsity": ("weight sparsity (%)", lambda x: f"{100 * x:.1f}"),
+    **{m: (f"{label} (×)", lambda x: f"{x:.2f}") for m, label in [
+        ("params_reduction", "params reduction"), ("flops_reduction", "FLOPs reduction"),
+        ("speedup_cpu_b1", "CPU speedup b1"), ("speedup_cpu_b64", "CPU speedup b64"),
+        ("speedup_cuda_b1", "GPU speedup b1"), ("speedup_cuda_b64", "GPU speedup b64")]},
+}
+ONLY_WHEN_PRESENT = ("speedup_cuda_b1", "speedup_cuda_b64")
+
+
+def _mean_std(row, metric: str, fmt) -> str:
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+    if pd.isna(mean):
+        return "n/a"
+    return fmt(mean) if pd.isna(std) else f"{fmt(mean)} ± {fmt(std)}"
+
+
+def _cell(x) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(table: pd.DataFrame, bad: pd.DataFrame, command: str) -> str:
+    metrics = [m for m in MD_COLUMNS if m not in ONLY_WHEN_PRESENT or table[f"{m}_mean"].notna().any()]
+    extra = ["flops-only structures"] if table["flops_only"].astype(bool).any() else []
+    head = ["dataset", "model", "method", "setting", "seeds", *(MD_COLUMNS[m][0] for m in metrics), *extra]
+    lines = [f"<!-- command: {command} -->", "",
+             "Mean ± sample std over seeds; test acc is the test accuracy at the best-validation epoch, final "
+             "test acc that of the final model (the one sparsity, reductions and speedups describe).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in table.iterrows():
+        cells = [row["dataset"], row["model"], row["method"], row["setting"] or "-", row["n_seeds"],
+                 *(_mean_std(row, m, MD_COLUMNS[m][1]) for m in metrics), *([row["flops_only"]] if extra else [])]
+        lines.append("| " + " | ".join(map(_cell, cells)) + " |")
+    dup = table[table["n_runs"] != table["n_seeds"]]
+    for _, row in dup.iterrows():
+        lines += ["", f"Note: {row['method']} {row['setting']} has {row['n_runs']} runs but only "
+                      f"{row['n_seeds']} distinct seeds."]
+    lines += ["", f"## Runs not in the table ({len(bad)})", ""]
+    lines += [f"- `{r.run}` ({r.method} {r.setting} seed {r.seed}): **{r.status}**: "
+              f"{_cell(r.error) or 'no error recorded'}"
+              for r in bad.itertuples()] or ["None: every run completed."]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(records: pd.DataFrame, stem, command: str) -> tuple[Path, Path]:
+    """Write `<stem>.csv` (first line `# command: ...`; read back with pd.read_csv(path, comment="#"))
+    and `<stem>.md`; returns both paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    table, bad = aggregate(records), problems(records)
+    csv_path, md_path = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".md")
+    with open(csv_path, "w", newline="") as f:
+        f.write(f"# command: {command}\n")
+        table.to_csv(f, index=False, quoting=csv.QUOTE_NONNUMERIC)  # quoted: a '#' in a cell is no comment
+    md_path.write_text(markdown(table, bad, command))
+    return csv_path, md_path

@@ -1,0 +1,35 @@
+"""Aggregate run directories into results/<name>.csv and results/<name>.md (mean ± std over seeds).
+
+    python scripts/make_table.py runs/multirun/table1 runs/demo --name table1 [--out results]
+
+Every run directory found under the given paths is one record; completed runs are grouped by (dataset,
+model, method, setting), where the setting is whatever config differs inside a (dataset, model, method)
+besides the seed (a lambda or k sweep). Failed, diverged and incomplete runs are listed under the table.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from _runs import command_line, load_runs, write_table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="run directories or folders that contain them")
+    parser.add_argument("--name", required=True, help="table name: writes <out>/<name>.csv and .md")
+    parser.add_argument("--out", default="results", help="output folder (default: results)")
+    args = parser.parse_args(argv)
+    command = command_line("scripts/make_table.py", argv)
+    try:
+        records = load_runs(args.paths)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    for path in write_table(records, Path(args.out) / args.name, command):
+        print(f"wrote {path}")
+    bad = (records["status"] != "completed").sum()
+    print(f"{len(records)} runs, {bad} not completed (listed in the .md)")
+
+
+if __name__ == "__main__":
+    main()

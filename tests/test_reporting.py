@@ -1,0 +1,236 @@
+"""Reporting scripts (scripts/make_table.py, plot.py, wandb_to_csv.py, notebooks/analysis.ipynb) on fake
+run directories with the layout the training pipeline writes."""
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import _runs  # noqa: E402
+import make_table  # noqa: E402
+import plot  # noqa: E402
+from wandb_to_csv import record_from_wandb  # noqa: E402
+
+# (method, lam, seed) -> (best-val test acc, final test acc, group sparsity)
+COMPLETED = {
+    ("wgsef", 1e-3, 0): (0.90, 0.89, 0.40), ("wgsef", 1e-3, 1): (0.92, 0.90, 0.50),
+    ("wgsef", 1e-3, 2): (0.94, 0.93, 0.60),
+    ("wgsef", 1e-2, 0): (0.80, 0.80, 0.80), ("wgsef", 1e-2, 1): (0.84, 0.82, 0.70),
+    ("group_lasso", 1e-3, 0): (0.91, 0.91, 0.30), ("group_lasso", 1e-3, 1): (0.93, 0.92, 0.20),
+}
+
+
+def config(method, lam, seed, epochs=3):
+    return {"name": "digits-lenet5", "method": method, "seed": seed, "resume": False,
+            "trainer": {"epochs": epochs, "batch_size": 64, "device": "auto", "num_workers": 0, "progress": False},
+            "paths": {"data_dir": "data", "runs_dir": "runs"},
+            "dataset": {"_target_": "wgsef.data.build_loaders", "name": "digits", "image_size": 16},
+            "model": {"_target_": "wgsef.models.build", "name": "lenet5"},
+            "regularizer": {"_target_": "wgsef.penalties.x.X", "lam": lam, "k": 0.5, "layers": None, "block": [2, 2]}}
+
+
+def metrics_rows(epochs, sparsity, final_acc):
+    return [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "val_loss": 1 / e, "val_acc": 0.5 + e / 100,
+             "test_acc": final_acc if e == epochs else 0.5, "lr": 0.05, "weight_sparsity": sparsity * e / epochs / 2,
+             "time": 0.1, "group_sparsity": sparsity * e / epochs, "nonzero_groups": 10 - e, "k": 5,
+             "penalty": 0.1} for e in range(1, epochs + 1)]
+
+
+def write_run(d: Path, cfg: dict | None, rows: list[dict] | None, summary: dict | None, hydra_only=False):
+    (d / ".hydra").mkdir(parents=True)
+    if cfg is not None:
+        (d / (".hydra/config.yaml" if hydra_only else "config.yaml")).write_text(yaml.safe_dump(cfg))
+    if rows:
+        pd.DataFrame(rows).to_csv(d / "metrics.csv", index=False)
+    if summary is not None:
+        (d / "summary.json").write_text(json.dumps(summary))
+
+
+def summary(method, seed, best, final_acc, sparsity, epochs=3, **extra):
+    rows = metrics_rows(epochs, sparsity, final_acc)
+    return {"status": "completed", "error": None, "method": method, "seed": seed, "dataset": "digits",
+            "model": "lenet5", "epochs": epochs, "final": rows[-1],
+            "best_val": {"epoch": 2, "val_acc": 0.6, "test_acc": best},
+            "test_acc": final_acc, "best_val_test_acc": best, "wall_time_s": 1.0, "git_commit": "abc", **extra}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """A sweep under runs/multirun/<name>/<time>/<n>/ plus a dense run, a diverged, a failed and a killed one."""
+    root = tmp_path_factory.mktemp("runs")
+    sweep = root / "multirun" / "digits-lenet5" / "2024-01-01_00-00-00"
+    for n, ((method, lam, seed), (best, final, sp)) in enumerate(COMPLETED.items()):
+        extra = {"params_reduction": 1 / (1 - sp), "flops_reduction": 1 + 2 * sp, "speedup_cpu_b1": 1 + sp,
+                 "speedup_cpu_b64": 1 + 1.5 * sp, "flops_only": ["shape"] if method == "group_lasso" else []}
+        d = sweep / str(n)
+        write_run(d, config(method, lam, seed), metrics_rows(3, sp, final),
+                  summary(method, seed, best, final, sp, **extra))
+        (d / "wandb" / "run-1" / "files").mkdir(parents=True)  # must not be taken for a run directory
+        (d / "wandb" / "run-1" / "files" / "config.yaml").write_text("a: 1\n")
+        if method == "wgsef":
+            (d / "compact.json").write_text(json.dumps({"conv1": [6, 6], "conv2": [16, 8 + n], "fc1": [120, 60]}))
+    write_run(sweep / "90", config("wgsef", 1e-3, 3), metrics_rows(2, 0.1, 0.5),
+              {**summary("wgsef", 3, 0.2, 0.1, 0.1), "status": "diverged",
+               "error": "the training loss became nan at epoch 2, step 5"})
+    write_run(sweep / "91", config("wgsef", 1e-3, 4), None,
+              {"status": "failed", "error": "CUDA out of memory", "traceback": "..."}, hydra_only=True)
+    write_run(sweep / "92", config("wgsef", 1e-3, 5), metrics_rows(3, 0.2, 0.5)[:2], None)  # killed
+    dense = summary("none", 0, 0.96, 0.95, 0.0)  # no method metrics, none of the newer keys
+    rows = [{k: v for k, v in r.items() if k not in ("group_sparsity", "nonzero_groups", "k", "penalty")}
+            for r in metrics_rows(3, 0.0, 0.95)]
+    write_run(root / "dense" / "2024-01-02_00-00-00", config("none", None, 0), rows, {**dense, "final": rows[-1]})
+    return root
+
+
+def test_find_run_dirs_skips_inside_runs(runs):
+    dirs = _runs.find_run_dirs([runs])
+    assert len(dirs) == len(COMPLETED) + 4
+    assert not any("wandb" in d.parts or ".hydra" in d.parts for d in dirs)
+    assert _runs.find_run_dirs([runs / "dense"]) == [runs / "dense" / "2024-01-02_00-00-00"]
+    with pytest.raises(ValueError, match="not a directory"):
+        _runs.find_run_dirs([runs / "nope"])
+
+
+def test_setting_separates_sweep_points_not_seeds(runs):
+    records = _runs.load_runs([runs])
+    wg = records[(records["method"] == "wgsef") & (records["status"] == "completed")]
+    assert set(wg["setting"]) == {"lam=0.001", "lam=0.01"}
+    assert set(records.loc[records["method"] == "group_lasso", "setting"]) == {""}  # only the seed differs
+
+
+@pytest.fixture(scope="module")
+def table(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    make_table.main([str(runs), "--name", "t1", "--out", str(out)])
+    return out
+
+
+def test_table_mean_std_over_seeds(table):
+    df = pd.read_csv(table / "t1.csv", comment="#")
+    assert len(df) == 4  # wgsef x 2 lambdas, group_lasso, none
+    for (method, lam) in [("wgsef", 1e-3), ("wgsef", 1e-2), ("group_lasso", 1e-3)]:
+        vals = [v for (m, l, _), v in COMPLETED.items() if (m, l) == (method, lam)]
+        setting = f"lam={lam}" if method == "wgsef" else ""
+        row = df[(df["method"] == method) & (df["setting"].fillna("") == setting)].iloc[0]
+        assert row["n_seeds"] == row["n_runs"] == len(vals)
+        for i, col in enumerate(["test_acc", "final_test_acc", "group_sparsity"]):
+            xs = [v[i] for v in vals]
+            assert row[f"{col}_mean"] == pytest.approx(statistics.mean(xs))
+            assert row[f"{col}_std"] == pytest.approx(statistics.stdev(xs))
+        sp = [v[2] for v in vals]
+        assert row["flops_reduction_mean"] == pytest.approx(statistics.mean(1 + 2 * s for s in sp))
+        assert row["params_reduction_mean"] == pytest.approx(statistics.mean(1 / (1 - s) for s in sp))
+        assert row["speedup_cpu_b64_mean"] == pytest.approx(statistics.mean(1 + 1.5 * s for s in sp))
+    dense = df[df["method"] == "none"].iloc[0]
+    assert dense["n_seeds"] == 1 and dense["test_acc_mean"] == pytest.approx(0.96)
+    assert math.isnan(dense["test_acc_std"]) and math.isnan(dense["flops_reduction_mean"])
+    assert math.isnan(dense["speedup_cuda_b1_mean"])
+    assert df.loc[df["method"] == "group_lasso", "flops_only"].iloc[0] == "shape"
+
+
+def test_table_header_and_failures_listed(table, runs):
+    csv_first = (table / "t1.csv").read_text().splitlines()[0]
+    md = (table / "t1.md").read_text()
+    first = md.splitlines()[0]
+    assert csv_first.startswith("# command: python scripts/make_table.py ")
+    assert first.startswith("<!-- command: python scripts/make_table.py ") and first.endswith("-->")
+    assert "--name t1" in first and str(runs) in first
+    # wgsef lam=1e-3: test acc 0.90, 0.92, 0.94; FLOPs reduction 1.8, 2, 2.2
+    assert "| 92.00 ± 2.00 |" in md and "| 2.00 ± 0.20 |" in md
+    assert "| 96.00 |" in md  # one seed: no ± std
+    assert "GPU speedup" not in md  # no run measured on a GPU
+    bad = md.split("## Runs not in the table (3)")[1]
+    assert "**diverged**: the training loss became nan at epoch 2, step 5" in bad
+    assert "**failed**: CUDA out of memory" in bad
+    assert "**incomplete**: no summary.json: killed or still running (metrics.csv has 2 epochs)" in bad
+    assert "seed 4" in bad  # the failed run's identity comes from .hydra/config.yaml
+
+
+def test_table_all_failed_and_no_runs(tmp_path, capsys):
+    write_run(tmp_path / "r", config("wgsef", 1e-3, 0), None, {"status": "failed", "error": "boom"})
+    make_table.main([str(tmp_path), "--name", "t", "--out", str(tmp_path / "out")])
+    assert pd.read_csv(tmp_path / "out" / "t.csv", comment="#").empty
+    assert "**failed**: boom" in (tmp_path / "out" / "t.md").read_text()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        make_table.main([str(tmp_path / "empty"), "--name", "t"])
+    assert e.value.code == 2 and "no run directories found" in capsys.readouterr().err
+
+
+def test_csv_quotes_cells_with_hash(tmp_path):
+    rec = _runs.make_record("r", config("wgsef", 1e-3, 0), summary("wgsef", 0, 0.9, 0.9, 0.5, flops_only=["a#b"]))
+    csv_path, _ = _runs.write_table(_runs.records_frame([rec]), tmp_path / "t", "python x.py # y")
+    df = pd.read_csv(csv_path, comment="#")
+    assert df["flops_only"].iloc[0] == "a#b" and df["test_acc_mean"].iloc[0] == pytest.approx(0.9)
+
+
+def test_plot_writes_every_figure(runs, tmp_path, capsys):
+    plot.main([str(runs), "--out", str(tmp_path), "--name", "p_"])
+    names = {p.name for p in tmp_path.iterdir()}
+    for stem in ["acc_vs_sparsity", "sparsity_over_epochs", "speedup_vs_flops",
+                 "widths_digits_lenet5_wgsef_lam=0.001", "widths_digits_lenet5_wgsef_lam=0.01"]:
+        for ext in ("png", "pdf"):
+            assert f"p_{stem}.{ext}" in names and (tmp_path / f"p_{stem}.{ext}").stat().st_size > 1000
+    assert len(names) == 10 and "skipped" not in capsys.readouterr().out
+
+
+def test_plot_skips_absent_data(runs, tmp_path, capsys):
+    plot.main([str(runs / "dense"), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    for name in ["acc_vs_sparsity", "sparsity_over_epochs", "speedup_vs_flops", "widths"]:
+        assert f"skipped {name}" in out
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_plot_contents(runs):
+    records = _runs.load_runs([runs])
+    ax = plot.acc_vs_sparsity(_runs.aggregate(records)).axes[0]
+    curves = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar containers
+    x, y = curves["wgsef"].get_data()  # sorted by sparsity: lam=1e-3 (mean 50%) then lam=1e-2 (mean 75%)
+    assert list(x) == pytest.approx([50, 75]) and list(y) == pytest.approx([100 * (0.89 + 0.90 + 0.93) / 3, 81])
+    assert set(curves) == {"wgsef", "group_lasso"}
+    dense = [line for line in ax.get_lines() if line.get_label() == "dense (none)"]
+    assert dense[0].get_ydata()[0] == pytest.approx(95)
+    fig = plot.speedup_vs_flops(records)
+    assert [a.get_title() for a in fig.axes] == ["CPU, batch 1", "CPU, batch 64"]
+    bars = plot.layer_widths(records.loc[records["method"] == "wgsef", "run"].iloc[0]).axes[0].patches
+    assert [b.get_height() for b in bars] == [6, 16, 120, 6, 8, 60]
+
+
+def test_record_from_wandb_matches_run_dir():
+    cfg = config("wgsef", 1e-3, 1)
+    full = summary("wgsef", 1, 0.92, 0.90, 0.5, flops_reduction=2.0, speedup_cpu_b1=1.4)
+    # What WandbLogger leaves in a wandb summary: the scalars of summary.json plus the last logged row.
+    flat = {**full["final"], **{k: v for k, v in full.items() if isinstance(v, (int, float, str, bool))}}
+    run = SimpleNamespace(config=cfg, summary_metrics=flat, state="finished", url="https://wandb.ai/e/p/runs/x")
+    got, want = record_from_wandb(run), _runs.make_record("d", cfg, full)
+    for key in ["status", "dataset", "model", "method", "seed", *_runs.METRICS]:
+        assert got[key] == want[key] or (math.isnan(got[key]) and math.isnan(want[key])), key
+    assert got["test_acc"] == 0.92 and got["final_test_acc"] == 0.90 and got["group_sparsity"] == 0.5
+    crashed = record_from_wandb(SimpleNamespace(config=cfg, summary_metrics={}, state="crashed", url="u"))
+    assert crashed["status"] == "failed" and crashed["error"] == "wandb run crashed"
+    running = record_from_wandb(SimpleNamespace(config=cfg, summary_metrics={"epoch": 2}, state="running", url="u"))
+    assert running["status"] == "incomplete" and "running" in running["error"]
+
+
+def test_notebook_executes(runs, table, monkeypatch):
+    monkeypatch.setenv("WGSEF_RUNS", str(runs))
+    monkeypatch.setenv("WGSEF_RESULTS", str(table))
+    nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
+    NotebookClient(nb, timeout=60, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(str(o.get("data", {}).get("text/plain", "")) + o.get("text", "") for o in outputs)
+    assert "t1.csv" in str(outputs) and "group_lasso" in text and "CUDA out of memory" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5  # (a), (b), (c), two width charts
