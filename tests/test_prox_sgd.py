@@ -1,0 +1,115 @@
+"""ProxSGD = SGD on the loss gradient, then the penalty's prox at the current learning rate."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from wgsef.optim import param_groups
+from wgsef.optim.prox_sgd import ProxSGD, prox_sgd
+from wgsef.penalties.base import Regularizer
+from wgsef.penalties.wgsef import WGSEF
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(96, 5), nn.ReLU(), nn.Linear(5, 3))
+    reg = WGSEF(lam=2.0, k=2)
+    reg.attach(net, X)
+    return net, reg
+
+
+def batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(n)]
+
+
+def train(net, opt, data, sched=None):
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def step_lr(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+
+@pytest.mark.parametrize("scheduler", [None, step_lr])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_step_is_sgd_then_prox_at_current_lr(scheduler, nesterov):
+    net, reg = setup()
+    ref_net = copy.deepcopy(net)
+    ref_reg = WGSEF(lam=2.0, k=2)
+    ref_reg.attach(ref_net, X)
+    opt = prox_sgd(net, reg, lr=0.2, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
+    ref = torch.optim.SGD(param_groups(ref_net, ref_reg, 1e-2), lr=0.2, momentum=0.9, nesterov=nesterov)
+    sched, ref_sched = (scheduler(opt), scheduler(ref)) if scheduler else (None, None)
+    for x, y in batches(4):
+        for n, o in ((ref_net, ref), (net, opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(n(x), y).backward()
+        opt.step()
+        ref.step()
+        ref_reg.prox_(ref.param_groups[0]["lr"])  # the grouped params' group comes first
+        for s in (sched, ref_sched):
+            if s is not None:
+                s.step()
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_momentum_sees_only_the_loss_gradient():
+    net, reg = setup()
+    opt = prox_sgd(net, reg, lr=0.1, momentum=0.9, weight_decay=0.1)
+    grouped = {id(p) for p in reg.groups.params()}
+    train(net, opt, batches(1))
+    for p in net.parameters():
+        buf = opt.state[p]["momentum_buffer"]
+        if id(p) in grouped:
+            assert torch.equal(buf, p.grad)  # no weight decay, no penalty term
+        else:
+            assert not torch.equal(buf, p.grad)  # the classifier gets weight decay
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.1]
+    assert {id(p) for p in opt.param_groups[0]["params"]} == grouped
+
+
+def test_state_dict_round_trip_gives_identical_steps():
+    data = batches(4)
+    net, reg = setup()
+    opt = prox_sgd(net, reg, lr=0.1, momentum=0.9)
+    sched = step_lr(opt)
+    train(net, opt, data[:2], sched)
+    saved = copy.deepcopy((net.state_dict(), opt.state_dict(), sched.state_dict(), reg.state_dict()))
+    train(net, opt, data[2:], sched)
+
+    net2, reg2 = setup(seed=5)
+    net2.load_state_dict(saved[0])
+    reg2.load_state_dict(saved[3])
+    opt2 = prox_sgd(net2, reg2, lr=0.1, momentum=0.9)
+    sched2 = step_lr(opt2)
+    opt2.load_state_dict(saved[1])
+    sched2.load_state_dict(saved[2])
+    train(net2, opt2, data[2:], sched2)
+    for p, q in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_needs_an_attached_group_penalty():
+    net, _ = setup()
+    with pytest.raises(ValueError, match="needs a group penalty"):
+        prox_sgd(net, Regularizer(), lr=0.1)
+    with pytest.raises(ValueError, match="attach the regularizer"):
+        prox_sgd(net, WGSEF(lam=1e-3, k=2), lr=0.1)
+
+
+def test_grouped_params_must_share_one_param_group():
+    net, reg = setup()
+    halves = reg.groups.params()
+    with pytest.raises(ValueError, match="one param group"):
+        ProxSGD([{"params": halves[:1]}, {"params": halves[1:]}], reg, lr=0.1)
