@@ -1,0 +1,265 @@
+"""HSPG (methods.md section 3): hand-built half-space cases, stages, state_dict, factory errors; and short
+digits trainings of HSPG and the group-sparsity baselines (group lasso prox-SGD, SSL) against dense SGD."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+from wgsef.functional import wgsef_value
+from wgsef.groups.base import GroupBlock, GroupSet, Member
+from wgsef.models.lenet import LeNet5
+from wgsef.optim import sgd
+from wgsef.optim.hspg import HSPG, hspg
+from wgsef.optim.prox_sgd import prox_sgd
+from wgsef.penalties.base import Regularizer
+from wgsef.penalties.group_lasso import GroupLasso
+from wgsef.penalties.ssl import SSL
+from wgsef.penalties.wgsef import WGSEF
+
+
+def row_groups(rows, conv=True, lam=0.0, **kwargs):
+    """One parameter whose rows are the groups (a conv weight [n, 1, 1, d] or a linear weight [n, d])."""
+    rows = torch.as_tensor(rows, dtype=torch.float64)
+    p = nn.Parameter(rows.reshape(rows.shape[0], 1, 1, -1) if conv else rows.clone())
+    pen = GroupLasso(lam)
+    pen.groups = GroupSet([GroupBlock("layer", [Member(p, tuple(rows.shape), (0,))])])
+    opt = HSPG([p], pen, **{"lr": 1.0, "n_p": 0, **kwargs})
+    return p, pen, opt
+
+
+def step_with_grad(p, opt, grad_rows):
+    p.grad = torch.as_tensor(grad_rows, dtype=p.dtype).reshape(p.shape)
+    opt.step()
+    return p.detach().reshape(len(p), -1)
+
+
+def test_obtuse_trial_point_is_zeroed_and_acute_one_is_taken():
+    p, pen, opt = row_groups([[1.0, 0.0], [0.0, 1.0]], lam=0.1)
+    after = step_with_grad(p, opt, [[1.5, 0.0], [0.0, 0.5]])  # trial rows [-0.5 - .., 0] and [0, 0.5 - ..]
+    assert torch.count_nonzero(after[0]) == 0
+    w = math.sqrt(2)
+    assert torch.allclose(after[1], torch.tensor([0.0, 1.0 - 0.5 - 0.1 * w], dtype=torch.float64))
+
+
+def test_eps_depends_on_the_layer_type():
+    # trial <x, theta> = 0.5 ||theta||^2: kept under eps_conv = 0, zeroed under eps_linear = 0.9
+    for conv, zeroed in ((True, False), (False, True)):
+        p, _, opt = row_groups([[0.0, 1.0], [3.0, 4.0]], conv=conv)
+        after = step_with_grad(p, opt, [[0.0, 0.5], [0.0, 0.0]])
+        assert (torch.count_nonzero(after[0]) == 0) == zeroed
+        assert torch.equal(after[1], torch.tensor([3.0, 4.0], dtype=torch.float64))
+
+
+def test_zero_groups_stay_zero_through_many_half_space_steps():
+    p, _, opt = row_groups([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]], lam=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        after = step_with_grad(p, opt, 0.01 * torch.randn(2, 3, generator=g, dtype=torch.float64))
+        assert torch.count_nonzero(after[0]) == 0
+    assert torch.count_nonzero(after[1]) == 3
+
+
+def test_group_sparsity_cap_zeroes_only_the_smallest_candidates():
+    norms = torch.arange(1.0, 11.0, dtype=torch.float64)
+    rows = torch.stack([norms, torch.zeros(10, dtype=torch.float64)], 1)
+    rows[0] = 0.0  # already zero: counts towards the cap
+    p, _, opt = row_groups(rows, max_group_sparsity=0.35)
+    after = step_with_grad(p, opt, 2 * rows)  # every trial point is -theta: all candidates
+    zero = after.norm(dim=1) == 0
+    assert zero.tolist() == [True, True, True] + [False] * 7  # floor(3.5) = 3 zero groups in all
+
+
+def toy_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+
+
+def toy_penalty(model, lam=0.05):
+    """Filter groups of the first layer built by hand: weight rows with their bias."""
+    pen = GroupLasso(lam)
+    layer = model[0]
+    pen.groups = GroupSet([GroupBlock("0", [Member(layer.weight, (8, 6), (0,)), Member(layer.bias, (8,), (0,))])])
+    return pen
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g))
+            for _ in range(n)]
+
+
+def train_steps(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_stage_one_is_prox_sgd_and_stage_two_starts_at_n_p():
+    model = toy_model()
+    ref = copy.deepcopy(model)
+    opt = hspg(model, toy_penalty(model, lam=0.2), lr=0.3, n_p=2, momentum=0.5, weight_decay=0.01)
+    ref_pen = toy_penalty(ref, lam=0.2)
+    ref_opt = torch.optim.SGD([{"params": [ref[0].weight, ref[0].bias], "weight_decay": 0.0},
+                               {"params": [ref[2].weight, ref[2].bias]}], lr=0.3, momentum=0.5, weight_decay=0.01)
+    for epoch in range(2):
+        opt.set_epoch(epoch)
+        assert opt.stage == "prox"
+        for x, y in batches(3, seed=epoch):
+            for m, o in ((model, opt), (ref, ref_opt)):
+                o.zero_grad()
+                nn.functional.cross_entropy(m(x), y).backward()
+                o.step()
+            ref_pen.prox_(0.3)
+            for a, b in zip(model.parameters(), ref.parameters()):
+                assert torch.allclose(a, b, atol=1e-12)
+    opt.set_epoch(2)
+    assert opt.stage == "half_space" and opt.state_dict()["hspg"] == {"epoch": 2, "stage": "half_space"}
+
+
+def test_subgradient_stage_adds_the_penalty_gradient():
+    p, pen, opt = row_groups([[3.0, 4.0], [0.0, 0.0]], lam=0.5, stage1="subgradient", n_p=1)
+    after = step_with_grad(p, opt, [[1.0, 1.0], [1.0, -1.0]])
+    w = math.sqrt(2)
+    expected = torch.tensor([[3 - 1 - 0.5 * w * 3 / 5, 4 - 1 - 0.5 * w * 4 / 5], [-1.0, 1.0]], dtype=torch.float64)
+    assert torch.allclose(after, expected)  # zero group: subgradient 0, and no half-space projection yet
+
+
+def test_parameters_outside_the_groups_take_a_plain_sgd_step():
+    model = toy_model()
+    opt = hspg(model, toy_penalty(model), lr=0.1, n_p=0, weight_decay=0.01)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    w, g = model[2].weight.detach().clone(), model[2].weight.grad.clone()
+    opt.step()
+    assert torch.allclose(model[2].weight, w - 0.1 * (g + 0.01 * w))
+
+
+@pytest.mark.parametrize("save_epoch", [0, 1])
+def test_state_dict_round_trip_across_the_switch(save_epoch):
+    model = toy_model()
+    opt = hspg(model, toy_penalty(model, lam=0.3), lr=0.5, n_p=1, momentum=0.9, weight_decay=1e-3)
+    for epoch in range(save_epoch + 1):
+        opt.set_epoch(epoch)
+        train_steps(model, opt, batches(4, seed=epoch))
+    clone = copy.deepcopy(model)
+    clone_opt = hspg(clone, toy_penalty(clone, lam=0.3), lr=0.5, n_p=1, momentum=0.9, weight_decay=1e-3)
+    clone_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert clone_opt.stage == opt.stage
+    for epoch in range(save_epoch + 1, 4):
+        for m, o in ((model, opt), (clone, clone_opt)):
+            o.set_epoch(epoch)
+            train_steps(m, o, batches(4, seed=epoch))
+    assert opt.stage == "half_space"
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="not an hspg"):
+        clone_opt.load_state_dict(torch.optim.SGD(clone.parameters(), lr=0.1).state_dict())
+
+
+def test_wgsef_half_space_step_follows_the_envelope_gradient():
+    model = toy_model()
+    pen = WGSEF(0.05, k=3, scheme="filter")
+    pen.attach(model, torch.zeros(2, 6, dtype=torch.float64))
+    layer = model[0]
+    assert len(pen.groups) == 8
+    a = (layer.weight.pow(2).sum(1) + layer.bias.pow(2)).sqrt()
+    w, b = torch.autograd.grad(pen.lam * wgsef_value(a, 3, weights=pen.d.to(a)), [layer.weight, layer.bias])
+    expected = layer.weight.detach() - 0.1 * w, layer.bias.detach() - 0.1 * b
+    opt = hspg(model, pen, lr=0.1, n_p=0, eps_linear=0.0)
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    assert torch.allclose(layer.weight, expected[0]) and torch.allclose(layer.bias, expected[1])
+
+
+def test_factory_refuses_non_group_penalties():
+    model = toy_model()
+    for reg in (Regularizer(), SSL({"filter": 1e-4})):
+        with pytest.raises(ValueError, match="group penalty"):
+            hspg(model, reg, lr=0.1)
+    with pytest.raises(ValueError, match="attach"):
+        hspg(model, GroupLasso(1e-3), lr=0.1)
+    with pytest.raises(ValueError, match="stage1"):
+        hspg(model, toy_penalty(model), lr=0.1, stage1="adam")
+
+
+# --- digits (8x8 -> 16x16, LeNet5, 12 epochs): real group sparsity at a bounded accuracy loss ------------------
+EPOCHS = 12
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    x = F.interpolate(torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16, size=16, mode="bilinear")
+    x, y = (x - x.mean()) / x.std(), torch.tensor(y)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny network: threads only add overhead
+    yield (x[perm[:1400]], y[perm[:1400]]), (x[perm[1400:]], y[perm[1400:]])
+    torch.set_num_threads(threads)
+
+
+def fit(data, reg, make_optimizer, epochs=EPOCHS):
+    """A plain training loop in the order the repo's loop uses; returns the test accuracy."""
+    (xtr, ytr), (xte, yte) = data
+    torch.manual_seed(0)
+    model = reg.attach(LeNet5(num_classes=10, in_channels=1, image_size=16), xtr[:2])
+    opt = make_optimizer(model, reg)
+    order = torch.Generator().manual_seed(0)
+    for epoch in range(epochs):
+        if hasattr(opt, "set_epoch"):
+            opt.set_epoch(epoch)
+        reg.on_epoch_start(epoch, epochs)
+        for idx in torch.randperm(len(xtr), generator=order).split(64):
+            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            extra = reg.loss()
+            opt.zero_grad()
+            (loss if extra is None else loss + extra).backward()
+            opt.step()
+            reg.after_step(opt.param_groups[0]["lr"])
+    model.eval()
+    with torch.no_grad():
+        return float((model(xte).argmax(1) == yte).float().mean())
+
+
+def momentum_sgd(model, reg):
+    return sgd(model, reg, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+@pytest.fixture(scope="module")
+def dense_accuracy(digits):
+    acc = fit(digits, Regularizer(), momentum_sgd)
+    assert acc > 0.93
+    return acc
+
+
+def test_digits_group_lasso_prox_sgd(digits, dense_accuracy):
+    pen = GroupLasso(7e-3, scheme="filter")
+    acc = fit(digits, pen, lambda m, r: prox_sgd(m, r, lr=0.05, momentum=0.9, weight_decay=5e-4))
+    sparsity = pen.metrics()["group_sparsity"]
+    print(f"group lasso prox-SGD: acc {acc:.3f} (dense {dense_accuracy:.3f}), filter group sparsity {sparsity:.3f}")
+    assert sparsity >= 0.2 and acc >= dense_accuracy - 0.05
+
+
+def test_digits_ssl_subgradient_then_frozen_finetune(digits, dense_accuracy):
+    ssl = SSL({"filter": 5e-3, "shape": 5e-3}, threshold=1e-2, finetune_epoch=8)
+    acc = fit(digits, ssl, momentum_sgd)
+    m = ssl.metrics()
+    print(f"SSL: acc {acc:.3f} (dense {dense_accuracy:.3f}), filter group sparsity {m['filter_group_sparsity']:.3f}, "
+          f"shape group sparsity {m['shape_group_sparsity']:.3f}")
+    assert m["frozen"] and m["filter_group_sparsity"] >= 0.1 and m["shape_group_sparsity"] >= 0.2
+    assert acc >= dense_accuracy - 0.06
+
+
+@pytest.mark.parametrize("method", ["group_lasso", "wgsef"])
+def test_digits_hspg(digits, dense_accuracy, method):
+    pen = GroupLasso(2e-3, scheme="filter") if method == "group_lasso" else WGSEF(5e-3, k=0.3, scheme="filter")
+    acc = fit(digits, pen, lambda m, r: hspg(m, r, lr=0.05, n_p=4, momentum=0.9, weight_decay=5e-4))
+    sparsity = pen.metrics()["group_sparsity"]
+    print(f"{method} + HSPG: acc {acc:.3f} (dense {dense_accuracy:.3f}), filter group sparsity {sparsity:.3f}")
+    assert sparsity >= (0.5 if method == "group_lasso" else 0.2) and acc >= dense_accuracy - 0.04
