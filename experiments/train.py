@@ -13,11 +13,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from wgsef.data import DatasetNotFound
-from wgsef.run import run, write_json
+from wgsef.run import register_resolvers, run, write_json
 from wgsef.train import CheckpointError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger", "experiment")
+GROUPS = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger", "method", "experiment")
 USER_ERRORS = (ValueError, DatasetNotFound, CheckpointError)
 
 
@@ -33,8 +33,11 @@ def check_group_choices(argv: list[str]) -> None:
 
 
 def default_method(choices) -> str:
-    method = choices.get("regularizer", "none")
-    return f"{method}+hspg" if choices.get("optimizer") == "hspg" else method
+    """dense, wgsef, group_lasso, ssl, srste, gblr; with HSPG: hspg (group lasso, as OTO) or <reg>+hspg."""
+    regularizer, optimizer = choices.get("regularizer"), choices.get("optimizer")
+    if optimizer == "hspg":
+        return "hspg" if regularizer == "group_lasso" else f"{regularizer}+hspg"
+    return "dense" if regularizer == "none" else regularizer
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="train")
@@ -63,6 +66,7 @@ def main(cfg) -> None:
 
 
 def cli() -> None:
+    register_resolvers()
     try:
         check_group_choices(sys.argv[1:])
     except ValueError as e:

@@ -4,6 +4,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from wgsef.run import register_resolvers
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -15,6 +17,8 @@ def _seed_and_threads():
 @pytest.fixture
 def make_cfg():
     """Compose the training config with overrides (Hydra compose API, no run directory)."""
+    register_resolvers()
+
     def make(*overrides: str):
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             return compose(config_name="train", overrides=list(overrides))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 
 class DatasetNotFound(RuntimeError):
@@ -116,12 +116,13 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]
 def build_loaders(name: str, root: str | Path = "data", batch_size: int = 128, eval_batch_size: int = 512,
                   val_fraction: float = 0.1, split_seed: int = 0, num_workers: int = 0, image_size: int = 16,
                   download: bool = True, generator: torch.Generator | None = None,
-                  limit: int | None = None) -> Loaders:
+                  limit: int | None = None, distributed: tuple[int, int] | None = None) -> Loaders:
     """Train/val/test loaders for `name`.
 
     image_size only applies to digits (the others have their native size). `generator` drives the
     training shuffle so a resumed run sees the same batches. `limit` keeps only the first `limit` examples
-    of each split (for smoke tests).
+    of each split (for smoke tests). `distributed=(rank, world_size)` gives each rank its shard of the
+    training set (batch_size is per rank); validation and test sets are evaluated whole on every rank.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
@@ -137,8 +138,13 @@ def build_loaders(name: str, root: str | Path = "data", batch_size: int = 128, e
     if limit:
         train, val, test = (Subset(d, range(min(limit, len(d)))) for d in (train, val, test))
     common = dict(num_workers=num_workers, persistent_workers=False)
+    if distributed:
+        seed = generator.initial_seed() if generator is not None else 0
+        shuffle = dict(sampler=DistributedSampler(train, num_replicas=distributed[1], rank=distributed[0], seed=seed))
+    else:
+        shuffle = dict(shuffle=True, generator=generator)
     return Loaders(
-        train=DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator, **common),
+        train=DataLoader(train, batch_size=batch_size, **shuffle, **common),
         val=DataLoader(val, batch_size=eval_batch_size, **common),
         test=DataLoader(test, batch_size=eval_batch_size, **common),
         spec=spec,

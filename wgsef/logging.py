@@ -11,7 +11,26 @@ import os
 from pathlib import Path
 
 
-class CSVLogger:
+class NullLogger:
+    """What ranks other than 0 log to in data-parallel training."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def restore(self, rows: list[dict]) -> None:
+        pass
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def summary(self, summary: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class CSVLogger(NullLogger):
     def __init__(self, run_dir: str | Path, config: dict | None = None):
         self.path = Path(run_dir) / "metrics.csv"
         self.rows: list[dict] = []
@@ -33,11 +52,16 @@ class CSVLogger:
             w.writerows(self.rows)
         os.replace(tmp, self.path)
 
-    def summary(self, summary: dict) -> None:
-        pass
 
-    def finish(self) -> None:
-        pass
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as 'a/b' keys; lists and None as strings (wandb summaries hold scalars)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
 
 
 class WandbLogger(CSVLogger):
@@ -59,7 +83,7 @@ class WandbLogger(CSVLogger):
         self.run.log(row, step=int(row["epoch"]))
 
     def summary(self, summary: dict) -> None:
-        self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+        self.run.summary.update(flatten(summary))
 
     def finish(self) -> None:
         self.run.finish()

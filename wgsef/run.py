@@ -7,12 +7,37 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import torch
 
+from wgsef import distributed
+from wgsef.distributed import Dist
+from wgsef.logging import NullLogger
 from wgsef.train import Diverged, Trainer, resolve_device, seed_everything
+
+
+def epoch_at(fraction: float, epochs: int) -> int:
+    """Config resolver `${epoch_at:0.25,${trainer.epochs}}`: an epoch given as a fraction of the run."""
+    return int(round(float(fraction) * int(epochs)))
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("epoch_at", epoch_at, replace=True)
+
+
+def load_init(model, path: str, device) -> None:
+    """Start from the weights of another run (its checkpoints/last.pt) or a bare state_dict file."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    except Exception as e:
+        raise ValueError(f"init_from={path} cannot be loaded into {type(model).__name__}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def git_commit() -> str:
@@ -52,27 +77,30 @@ def check_trainer(t) -> None:
         raise ValueError(f"trainer.num_workers must be an integer >= 0, got {t.num_workers!r}")
 
 
-def build(cfg, run_dir: Path):
+def build(cfg, run_dir: Path, d: Dist, device: torch.device) -> Trainer:
     """Instantiate data, model, regularizer, optimizer, scheduler and logger; returns a ready Trainer."""
     from omegaconf import OmegaConf
 
-    check_trainer(cfg.trainer)
-    device = resolve_device(cfg.trainer.device)
     regularizer = instantiate(cfg.regularizer)  # cheap constructors first: bad values fail before any work
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     loaders = instantiate(cfg.dataset, batch_size=cfg.trainer.batch_size, num_workers=cfg.trainer.num_workers,
-                          generator=generator)
+                          generator=generator, distributed=(d.rank, d.world_size) if d.enabled else None)
     spec = loaders.spec
     model = instantiate(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels,
                         image_size=spec.image_size).to(device)
+    if cfg.get("init_from"):
+        load_init(model, cfg.init_from, device)
     example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size, device=device)
     model = regularizer.attach(model, example).to(device)
     optimizer = instantiate(cfg.optimizer)(model, regularizer)
     scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
-    logger = instantiate(cfg.logger)(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
+    if d.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    logger = (instantiate(cfg.logger)(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
+              if d.main else NullLogger())
     return Trainer(model, loaders, optimizer, scheduler, regularizer, epochs=cfg.trainer.epochs, device=device,
-                   run_dir=run_dir, logger=logger, generator=generator, progress=cfg.trainer.progress)
+                   run_dir=run_dir, logger=logger, generator=generator, progress=cfg.trainer.progress, dist=d)
 
 
 def measure_run(model, cfg, spec, run_dir: Path) -> dict:
@@ -111,13 +139,21 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
 
 
 def run(cfg, run_dir: str | Path, method: str = "") -> dict:
-    """Train as `cfg` says inside `run_dir`; write and return summary.json's content."""
+    """Train as `cfg` says inside `run_dir`; write and return summary.json's content.
+
+    Under torchrun every rank calls this; rank 0's run directory is used by all, and only rank 0 writes.
+    """
     from omegaconf import OmegaConf
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build(cfg, run_dir)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    check_trainer(cfg.trainer)
+    d, device = distributed.setup(resolve_device(cfg.trainer.device))
+    own_dir, run_dir = Path(run_dir), Path(distributed.broadcast(str(run_dir), d))
+    if not d.main and own_dir != run_dir:  # Hydra made one directory per process
+        shutil.rmtree(own_dir, ignore_errors=True)
+    trainer = build(cfg, run_dir, d, device)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     resumed = bool(cfg.resume) and trainer.resume()
     status, error = "completed", None
     try:
@@ -130,13 +166,18 @@ def run(cfg, run_dir: str | Path, method: str = "") -> dict:
         "dataset": cfg.dataset.name, "model": cfg.model.name, "epochs": state.epoch, "resumed": resumed,
         "final": final, "best_val": state.best, "test_acc": final.get("test_acc"),
         "best_val_test_acc": state.best.get("test_acc"), "wall_time_s": state.wall_time,
-        "git_commit": git_commit(), "device": str(trainer.device),
+        "git_commit": git_commit(), "device": str(trainer.device), "world_size": d.world_size,
     }
-    if status == "completed":
-        trainer.model = trainer.regularizer.finalize(trainer.model)
-        if cfg.measure.enabled:
-            summary.update(measure_run(trainer.model, cfg, trainer.loaders.spec, run_dir))
-    write_json(summary, run_dir / "summary.json")
-    trainer.logger.summary(summary)
-    trainer.logger.finish()
+    if d.enabled:
+        summary["ddp_max_param_spread"] = distributed.max_param_spread(trainer.model, d)
+    if d.main:
+        if status == "completed":
+            model = trainer.regularizer.finalize(distributed.unwrap(trainer.model))
+            if cfg.measure.enabled:
+                summary.update(measure_run(model, cfg, trainer.loaders.spec, run_dir))
+        write_json(summary, run_dir / "summary.json")
+        trainer.logger.summary(summary)
+        trainer.logger.finish()
+    distributed.barrier(d)
+    distributed.teardown(d)
     return summary

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from wgsef.distributed import Dist, barrier, unwrap
 from wgsef.penalties.base import Regularizer
 
 
@@ -103,21 +104,23 @@ class Trainer:
 
     def __init__(self, model, loaders, optimizer, scheduler, regularizer: Regularizer, *, epochs: int,
                  device: torch.device, run_dir: str | Path, logger, generator: torch.Generator,
-                 progress: bool = True):
+                 progress: bool = True, dist: Dist = Dist()):
         self.model, self.loaders, self.optimizer, self.scheduler = model, loaders, optimizer, scheduler
         self.regularizer, self.epochs, self.device, self.logger = regularizer, epochs, device, logger
-        self.generator, self.progress = generator, progress
+        self.generator, self.progress, self.dist = generator, progress and dist.main, dist
         self.ckpt = Path(run_dir) / "checkpoints" / "last.pt"
         self.state = TrainState()
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self) -> None:
-        atomic_save({
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "regularizer": self.regularizer.state_dict(), "rng": _rng_state(self.generator),
-            "state": vars(self.state),
-        }, self.ckpt)
+        if self.dist.main:
+            atomic_save({
+                "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "regularizer": self.regularizer.state_dict(), "rng": _rng_state(self.generator),
+                "state": vars(self.state),
+            }, self.ckpt)
+        barrier(self.dist)
 
     def resume(self) -> bool:
         """Load the last checkpoint if there is one; False when starting fresh."""
@@ -125,7 +128,7 @@ class Trainer:
             return False
         try:
             ck = torch.load(self.ckpt, map_location=self.device, weights_only=False)
-            self.model.load_state_dict(ck["model"])
+            unwrap(self.model).load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
             if self.scheduler:
                 self.scheduler.load_state_dict(ck["scheduler"])
@@ -168,8 +171,9 @@ class Trainer:
         for epoch in range(self.state.epoch, self.epochs):
             t0 = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
-            if hasattr(self.optimizer, "set_epoch"):
-                self.optimizer.set_epoch(epoch)
+            for stage in (self.optimizer, self.loaders.train.sampler):  # HSPG's stage, DDP's shard order
+                if hasattr(stage, "set_epoch"):
+                    stage.set_epoch(epoch)
             self.regularizer.on_epoch_start(epoch, self.epochs)
             row = {"epoch": epoch + 1, **self._train_epoch(epoch)}
             if self.scheduler:
