@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: help install test test-slow demo bench-prox bench-compaction bench-latency clean
+.PHONY: help install test test-slow demo bench bench-prox bench-compaction bench-gblr bench-nm clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-26s %s\n", $$1, $$2}'
@@ -27,10 +27,18 @@ demo: $(STAMP) ## the main job: train on scikit-learn digits (offline) and write
 	$(PY) -m experiments.train trainer.epochs=15 hydra.run.dir=runs/demo
 
 bench-prox: $(STAMP) ## prox time vs number of groups -> results/prox_scaling.csv + figure
-	$(PY) scripts/bench_prox.py
+	$(PY) scripts/bench_prox.py --threads 1 --clock cpu
 
 bench-compaction: $(STAMP) ## compaction equivalence and CPU speedup at 50% filter sparsity -> results/
-	$(PY) scripts/bench_compaction.py
+	$(PY) scripts/bench_compaction.py --threads 1 --clock cpu --repeats 3
+
+bench-gblr: $(STAMP) ## GBLR tiled inference path vs dense layer latency -> results/gblr_latency.csv
+	$(PY) scripts/bench_gblr.py --threads 1
+
+bench-nm: $(STAMP) ## 2:4 semi-structured vs dense Linear latency (needs a CUDA GPU)
+	$(PY) scripts/bench_nm.py
+
+bench: bench-prox bench-compaction bench-gblr ## every CPU benchmark
 
 clean: ## remove run directories and caches (keeps .venv and results/)
 	rm -rf runs outputs multirun .pytest_cache
