@@ -23,8 +23,17 @@ test: $(STAMP) ## run the test suite (fast tests; CPU, offline)
 test-slow: $(STAMP) ## run only the slow tests (longer trainings)
 	$(PY) -m pytest -q -m slow
 
-demo: $(STAMP) ## the main job: train on scikit-learn digits (offline) and write the run directory
-	$(PY) -m experiments.train trainer.epochs=15 hydra.run.dir=runs/demo
+DEMO := $(PY) -m experiments.train -m experiment=demo
+demo: $(STAMP) ## the main job, offline: every method on digits (VGG16 x0.25), then results/demo.{csv,md} + figures
+	$(DEMO) method=dense,srste
+	$(DEMO) method=wgsef regularizer.k=0.25,0.5,0.75
+	$(DEMO) method=group_lasso regularizer.lam=5e-3,1e-2,2e-2
+	$(DEMO) method=hspg optimizer.momentum=0 optimizer.lr=0.1 regularizer.lam=1.5e-3,2e-3,2.5e-3
+	$(DEMO) method=wgsef_hspg regularizer.lam=5e-3,1e-2,2e-2
+	$(DEMO) method=ssl regularizer.threshold=0.03 regularizer.lams.filter=1e-2,2e-2,3e-2
+	$(DEMO) method=gblr regularizer.lam=0.1 regularizer.ratio=0.5 regularizer.target_width=0.25 regularizer.warmup_epochs=2
+	$(PY) scripts/make_table.py runs/demo --name demo --out results
+	$(PY) scripts/plot.py runs/demo --out results/figures/demo
 
 bench-prox: $(STAMP) ## prox time vs number of groups -> results/prox_scaling.csv + figure
 	$(PY) scripts/bench_prox.py --threads 1 --clock cpu

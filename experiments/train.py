@@ -17,7 +17,7 @@ from wgsef.run import register_resolvers, run, write_json
 from wgsef.train import CheckpointError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger", "method", "experiment")
+GROUPS = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger", "method", "experiment", "hparams_search")
 USER_ERRORS = (ValueError, DatasetNotFound, CheckpointError)
 
 
@@ -40,8 +40,18 @@ def default_method(choices) -> str:
     return "dense" if regularizer == "none" else regularizer
 
 
+def objective(spec, summary: dict) -> float:
+    """The value a sweeper maximises when the config has an `objective` node (configs/hparams_search/):
+    spec.value (e.g. lambda) when the final validation accuracy is at least spec.reference - spec.max_drop,
+    else minus the shortfall, so that every feasible run beats every infeasible one and, among infeasible
+    runs, the one that came closer ranks higher. A diverged run counts as validation accuracy 0."""
+    acc = summary["final"].get("val_acc", 0.0) if summary["status"] == "completed" else 0.0
+    shortfall = spec.reference - spec.max_drop - acc
+    return float(spec.value) if shortfall <= 0 else -float(shortfall)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="train")
-def main(cfg) -> None:
+def main(cfg) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
@@ -63,6 +73,7 @@ def main(cfg) -> None:
         print(f"diverged: {summary['error']} (last good checkpoint kept in {run_dir / 'checkpoints'})",
               file=sys.stderr)
         sys.exit(1)
+    return objective(cfg.objective, summary) if cfg.get("objective") is not None else None
 
 
 def cli() -> None:

@@ -116,6 +116,9 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
     m = cfg.measure
     model = model.cpu().eval()
     shape = (spec.in_channels, spec.image_size, spec.image_size)
+    # the reference: the dense architecture as built (latency and FLOPs do not depend on the weights)
+    dense = instantiate(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                        image_size=spec.image_size).eval()
     out = {}
     try:
         small = compact(model, torch.zeros(1, *shape), round_to=m.round_to)
@@ -133,7 +136,7 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
                    flops_only=[name for name, n in (("im2col columns", zero_cols),
                                                     ("unstructured/N:M zeros", report.zero_weights)) if n])
     clock = "wall" if torch.cuda.is_available() else m.clock
-    out.update(measure_model(model, small, shape, batches=tuple(m.batches), threads=m.threads,
+    out.update(measure_model(dense, small, shape, batches=tuple(m.batches), threads=m.threads,
                              min_run_time=m.min_run_time, clock=clock))
     return out
 

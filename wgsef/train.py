@@ -180,8 +180,9 @@ class Trainer:
                 self.scheduler.step()
             val, test = evaluate(self.model, self.loaders.val, self.device), evaluate(self.model, self.loaders.test, self.device)
             row.update(val_loss=val["loss"], val_acc=val["acc"], test_acc=test["acc"], lr=lr,
-                       weight_sparsity=weight_sparsity(self.model), **self.regularizer.metrics(),
-                       time=time.perf_counter() - t0)
+                       weight_sparsity=weight_sparsity(self.model))
+            row.update(self.regularizer.metrics())  # a method may report its own (effective) sparsity
+            row["time"] = time.perf_counter() - t0
             self.state.epoch = epoch + 1
             self.state.wall_time += row["time"]
             self.state.history.append(row)

@@ -65,7 +65,9 @@ class IntervalRows(nn.Module):
             pos = torch.arange(a, b, device=rows.device)
             inside = (pos >= s[i:j, None]) & (pos < e[i:j, None])
             tile = rows[self.order[i:j]][:, pos % self.n] * inside
-            self.register_buffer(f"tile{t}", (tile.T if transposed else tile).contiguous())
+            # weights are parameters (frozen), so parameter counts see them
+            self.register_parameter(f"tile{t}", nn.Parameter((tile.T if transposed else tile).contiguous(),
+                                                             requires_grad=False))
         self.macs_per_column = sum((j - i) * (b - a) for i, j, a, b in self.tiles)
 
     def tile(self, t: int) -> Tensor:
@@ -120,7 +122,8 @@ class GBLRInference(nn.Module):
             position = torch.empty_like(self.right.order)
             position[self.right.order] = torch.arange(len(position), device=position.device)
             self.register_buffer("perm", position[self.left.order])
-            self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+            self.register_parameter("bias", None if layer.bias is None else
+                                    nn.Parameter(layer.bias.detach().clone(), requires_grad=False))
         self.macs_per_column = self.right.macs_per_column + self.left.macs_per_column
 
 

@@ -103,9 +103,11 @@ class SSL(Regularizer):
                 pen.prox_(lr)
 
     def metrics(self) -> dict[str, float]:
-        out, penalty = {}, 0.0
+        """Per group type, plus group_sparsity over the groups of all types together."""
+        out, penalty, zero, total = {}, 0.0, 0, 0
         for t, pen in self.penalties.items():
             a = pen.groups.norms()
+            zero, total = zero + int((a == 0).sum()), total + a.numel()
             value = float(pen.norm_value(a))
             penalty += pen.lam * value
             out[f"{t}_penalty"] = pen.lam * value
@@ -113,6 +115,7 @@ class SSL(Regularizer):
             out[f"{t}_below_threshold"] = float((a < self.threshold).float().mean())
             out[f"{t}_nonzero_groups"] = int((a > 0).sum())
         out["penalty"] = penalty
+        out["group_sparsity"] = zero / max(total, 1)
         out["frozen"] = float(self.frozen)
         return out
 
