@@ -136,10 +136,14 @@ class GroupSet:
         """Euclidean norm of every group (plain, not squared)."""
         return self.sq_norms().sqrt()
 
+    def dots(self, tensors: dict[Tensor, Tensor]) -> Tensor:
+        """Per-group <tensors[param], param>; parameters without an entry contribute 0."""
+        return self._per_block(lambda m: m.dots(tensors[m.param]) if m.param in tensors
+                               else torch.zeros(m.n_groups, device=m.param.device))
+
     def grad_dots(self) -> Tensor:
         """Per-group <grad, param>; parameters without a gradient contribute 0."""
-        return self._per_block(lambda m: m.dots(m.param.grad) if m.param.grad is not None
-                               else torch.zeros(m.n_groups, device=m.param.device))
+        return self.dots({p: p.grad for p in self.params() if p.grad is not None})
 
     def split(self, per_group: Tensor) -> list[Tensor]:
         return [per_group[lo:hi] for lo, hi in zip(self._bounds[:-1], self._bounds[1:])]

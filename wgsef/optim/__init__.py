@@ -8,7 +8,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wgsef.penalties.base import Regularizer
+from wgsef.penalties.base import GroupPenalty, Regularizer
+
+
+def require_group_penalty(regularizer: Regularizer, optimizer: str) -> GroupPenalty:
+    """The proximal optimizers work on group penalties (WGSEF, group lasso) only, once attached."""
+    if not isinstance(regularizer, GroupPenalty):
+        raise ValueError(f"optimizer {optimizer} needs a group penalty regularizer (wgsef or group_lasso), "
+                         f"got {type(regularizer).__name__}")
+    if regularizer.groups is None:
+        raise ValueError(f"attach the regularizer to the model (regularizer.attach) before building {optimizer}")
+    return regularizer
 
 
 def param_groups(model: nn.Module, regularizer: Regularizer, weight_decay: float) -> list[dict]:

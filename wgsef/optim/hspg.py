@@ -22,19 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from wgsef.groups.base import GroupSet
-from wgsef.optim import param_groups
+from wgsef.optim import param_groups, require_group_penalty
 from wgsef.penalties.base import GroupPenalty, Regularizer
 
 STAGE1 = ("prox", "subgradient")
-
-
-def check_group_penalty(regularizer: Regularizer) -> GroupPenalty:
-    if not isinstance(regularizer, GroupPenalty):
-        raise ValueError(f"optimizer hspg needs a group penalty regularizer (group_lasso or wgsef), "
-                         f"got '{regularizer.name}'")
-    if regularizer.groups is None:
-        raise ValueError("attach the regularizer to the model (regularizer.attach) before building hspg")
-    return regularizer
 
 
 def group_eps(groups: GroupSet, eps_conv: float, eps_linear: float) -> Tensor:
@@ -43,18 +34,11 @@ def group_eps(groups: GroupSet, eps_conv: float, eps_linear: float) -> Tensor:
                       for b in groups.blocks])
 
 
-def group_dots(groups: GroupSet, tensors: dict[Tensor, Tensor]) -> Tensor:
-    """Per-group <tensor, parameter>; members without an entry in `tensors` contribute 0."""
-    return torch.cat([sum(m.dots(tensors[m.param]) if m.param in tensors else
-                          torch.zeros(m.n_groups, device=m.param.device) for m in b.members)
-                      for b in groups.blocks])
-
-
 class HSPG(torch.optim.Optimizer):
     def __init__(self, params, regularizer: GroupPenalty, lr: float, n_p: int, eps_conv: float = 0.0,
                  eps_linear: float = 0.9, momentum: float = 0.0, weight_decay: float = 0.0,
                  stage1: str = "prox", max_group_sparsity: float | None = None):
-        self.regularizer = check_group_penalty(regularizer)
+        self.regularizer = require_group_penalty(regularizer, "hspg")
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or n_p < 0 or int(n_p) != n_p:
             raise ValueError(f"hspg needs lr > 0, 0 <= momentum < 1, weight_decay >= 0, an epoch n_p >= 0; "
                              f"got lr={lr}, momentum={momentum}, weight_decay={weight_decay}, n_p={n_p}")
@@ -130,7 +114,7 @@ class HSPG(torch.optim.Optimizer):
     def _zero_candidates(self, norms: Tensor, updates: dict[Tensor, Tensor]) -> Tensor:
         """Nonzero groups whose trial point makes an obtuse-enough angle with theta_g, after the cap."""
         sq = norms.square()
-        trial_dot = sq - group_dots(self.regularizer.groups, updates)  # <theta - eta d, theta>
+        trial_dot = sq - self.regularizer.groups.dots(updates)  # <theta - eta d, theta>
         out = (norms > 0) & (trial_dot < self.eps.to(sq) * sq)
         if self.max_group_sparsity is None:
             return out
@@ -167,7 +151,7 @@ def hspg(model: nn.Module, regularizer: Regularizer, lr: float, n_p: int = 5, ep
          eps_linear: float = 0.9, momentum: float = 0.0, weight_decay: float = 0.0, stage1: str = "prox",
          max_group_sparsity: float | None = None) -> HSPG:
     """HSPG over `model` for a group penalty; grouped parameters get no weight decay (the penalty replaces it)."""
-    check_group_penalty(regularizer)
+    require_group_penalty(regularizer, "hspg")
     return HSPG(param_groups(model, regularizer, weight_decay), regularizer, lr=lr, n_p=n_p, eps_conv=eps_conv,
                 eps_linear=eps_linear, momentum=momentum, weight_decay=weight_decay, stage1=stage1,
                 max_group_sparsity=max_group_sparsity)

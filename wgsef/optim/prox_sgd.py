@@ -10,21 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wgsef.optim import param_groups
+from wgsef.optim import param_groups, require_group_penalty
 from wgsef.penalties.base import GroupPenalty, Regularizer
-
-
-def check_penalty(regularizer: Regularizer) -> None:
-    if not isinstance(regularizer, GroupPenalty):
-        raise ValueError(f"prox_sgd needs a group penalty (wgsef, group_lasso), got '{regularizer.name}'")
-    if regularizer.groups is None:
-        raise ValueError("attach the regularizer to the model (regularizer.attach) before building prox_sgd")
 
 
 class ProxSGD(torch.optim.SGD):
     def __init__(self, params, regularizer: GroupPenalty, lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
-        check_penalty(regularizer)
+        require_group_penalty(regularizer, "prox_sgd")
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         self.regularizer = regularizer
         grouped = {id(p) for p in regularizer.groups.params()}
@@ -44,6 +37,6 @@ class ProxSGD(torch.optim.SGD):
 def prox_sgd(model: nn.Module, regularizer: Regularizer, lr: float, momentum: float = 0.9,
              weight_decay: float = 5e-4, nesterov: bool = False) -> ProxSGD:
     """Factory (configs/optimizer/prox_sgd.yaml): grouped params without weight decay, others plain SGD."""
-    check_penalty(regularizer)
+    require_group_penalty(regularizer, "prox_sgd")
     return ProxSGD(param_groups(model, regularizer, weight_decay), regularizer, lr=lr, momentum=momentum,
                    weight_decay=weight_decay, nesterov=nesterov)
