@@ -3,10 +3,11 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: help install test test-slow demo bench bench-prox bench-compaction bench-gblr bench-nm clean
+.PHONY: help install test test-slow demo readme-table bench bench-prox bench-compaction bench-gblr bench-nm clean \
+	reproduce-table-fmnist reproduce-table-cifar10 reproduce-table-cifar100 reproduce-table-nm reproduce-table-gblr
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-26s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-26s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -34,6 +35,39 @@ demo: $(STAMP) ## the main job, offline: every method on digits (VGG16 x0.25), t
 	$(DEMO) method=gblr regularizer.lam=0.1 regularizer.ratio=0.5 regularizer.target_width=0.25 regularizer.warmup_epochs=2
 	$(PY) scripts/make_table.py runs/demo --name demo --out results
 	$(PY) scripts/plot.py runs/demo --out results/figures/demo
+	$(PY) scripts/readme_table.py results/demo.md README.md
+
+readme-table: $(STAMP) ## copy results/demo.md into README.md (make demo does this)
+	$(PY) scripts/readme_table.py results/demo.md README.md
+
+# Paper tables: the sweep (resumable: re-run to continue), SSL from the dense runs, then table + figures.
+TRAIN := $(PY) -m experiments.train -m
+report = $(PY) scripts/make_table.py $(2) --name table_$(1) --out results && \
+	$(PY) scripts/plot.py $(2) --out results/figures/table_$(1)
+
+reproduce-table-fmnist: $(STAMP) ## Fashion-MNIST table: LeNet-5/VGG16/ResNet18/MobileNetV1 x methods x 3 seeds (GPU advised)
+	$(TRAIN) experiment=table_fmnist
+	$(TRAIN) experiment=table_fmnist method=ssl_from_dense
+	$(call report,fmnist,runs/table_fmnist)
+
+reproduce-table-cifar10: $(STAMP) ## CIFAR-10 table, plus OTO's published HSPG recipe for VGG16 (GPU advised)
+	$(TRAIN) experiment=table_cifar10
+	$(TRAIN) experiment=table_cifar10 method=ssl_from_dense
+	$(TRAIN) experiment=oto_vgg16_cifar10
+	$(call report,cifar10,runs/table_cifar10 runs/oto_vgg16_cifar10)
+
+reproduce-table-cifar100: $(STAMP) ## CIFAR-100 table: VGG16/ResNet18/MobileNetV1 x methods x 3 seeds (GPU advised)
+	$(TRAIN) experiment=table_cifar100
+	$(TRAIN) experiment=table_cifar100 method=ssl_from_dense
+	$(call report,cifar100,runs/table_cifar100)
+
+reproduce-table-nm: $(STAMP) ## N:M table: SR-STE 1:4, 2:4, 2:8, 4:8 vs dense on CIFAR-10 (GPU advised)
+	$(TRAIN) experiment=table_nm
+	$(call report,nm,runs/table_nm)
+
+reproduce-table-gblr: $(STAMP) ## GBLR table: width budgets 0.1/0.25/0.5 on CIFAR-10; dense rows from the CIFAR-10 table
+	$(TRAIN) experiment=table_gblr
+	$(call report,gblr,runs/table_gblr $(wildcard runs/table_cifar10/vgg16/dense runs/table_cifar10/resnet18/dense))
 
 bench-prox: $(STAMP) ## prox time vs number of groups -> results/prox_scaling.csv + figure
 	$(PY) scripts/bench_prox.py --threads 1 --clock cpu

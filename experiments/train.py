@@ -3,6 +3,7 @@
 Bad input stops with one line on stderr and exit code 2, leaving no run directory behind. In a multirun a
 failing member records `status: failed` in its own summary.json and the sweep goes on.
 """
+import os
 import shutil
 import sys
 import traceback
@@ -77,13 +78,18 @@ def main(cfg) -> float | None:
 
 
 def cli() -> None:
+    """The command line: config errors (unknown option, bad override, ...) end in one line and exit 2."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     register_resolvers()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let composition errors reach us instead of a report
     try:
         check_group_choices(sys.argv[1:])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        main()
+    except (ValueError, HydraException, OmegaConfBaseException) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
-    main()
 
 
 if __name__ == "__main__":

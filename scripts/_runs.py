@@ -27,6 +27,7 @@ METRICS = {
     "weight_sparsity": "weight_sparsity",
     "params_reduction": "params_reduction",
     "flops_reduction": "flops_reduction",
+    "flops_sparse_reduction": "flops_sparse_reduction",  # if kernels skipped every zero weight (N:M, unstructured)
     "speedup_cpu_b1": "speedup_cpu_b1",
     "speedup_cpu_b64": "speedup_cpu_b64",
     "speedup_cuda_b1": "speedup_cuda_b1",
@@ -180,6 +181,7 @@ MD_COLUMNS = {  # metric -> (header, format of a value); shown as mean ± std ov
     "weight_sparsity": ("weight sparsity (%)", lambda x: f"{100 * x:.1f}"),
     **{m: (f"{label} (×)", lambda x: f"{x:.2f}") for m, label in [
         ("params_reduction", "params reduction"), ("flops_reduction", "FLOPs reduction"),
+        ("flops_sparse_reduction", "FLOPs reduction, zero-skipping kernels"),
         ("speedup_cpu_b1", "CPU speedup b1"), ("speedup_cpu_b64", "CPU speedup b64"),
         ("speedup_cuda_b1", "GPU speedup b1"), ("speedup_cuda_b64", "GPU speedup b64")]},
 }

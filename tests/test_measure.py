@@ -80,3 +80,19 @@ def test_measure_model_reports_every_key_consistently():
     assert out["speedup_cpu_b4"] == pytest.approx(out["latency_ms_cpu_b4_dense"] / out["latency_ms_cpu_b4_compact"])
     with pytest.raises(ValueError, match="image_shape"):
         measure_model(dense, small, (16, 16))
+
+
+def test_sparse_flops_counts_nonzero_weights_only():
+    from wgsef.measure import sparse_flops
+
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    lin = nn.Linear(6 * 5 * 5, 3, bias=False)
+    model = nn.Sequential(conv, nn.Flatten(), lin)
+    x = torch.randn(2, 4, 5, 5)
+    assert sparse_flops(model, x) == count_flops(model, x[:1])  # dense: the same as the FLOP counter
+    with torch.no_grad():
+        conv.weight.view(-1)[::2] = 0  # half of the conv weights (108 of 216)
+        lin.weight[0] = 0  # one of three linear rows
+    conv_macs = 25 * 108  # 25 output positions x nonzero weights (all filters)
+    lin_macs = 2 * 150
+    assert sparse_flops(model, x) == 2 * (conv_macs + lin_macs)

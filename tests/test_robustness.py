@@ -36,6 +36,15 @@ BAD = [
     (["dataset=fashion_mnist", "dataset.root=/nonexistent", "dataset.download=false"], "fashion_mnist not found"),
     (["dataset.image_size=4"], "lenet5 needs images of at least 12x12 pixels"),
     (["model=nonsense,lenet5"], "unknown model 'nonsense'"),
+    (["method=gblr", "optimizer=hspg"], "optimizer hspg needs a group penalty regularizer"),
+    (["method=srste", "optimizer=prox_sgd"], "optimizer prox_sgd needs a group penalty regularizer"),
+    (["method=ssl", "model=vgg16", "model.width=0.125", "~regularizer.lams.shape", "+regularizer.lams.depth=1e-3"],
+     "depth"),
+    (["regularizer.lams.depth=1e-3", "method=ssl"], "Could not override 'regularizer.lams.depth'"),
+    (["optimizer.momentum"], "Error parsing override 'optimizer.momentum'"),
+    (["method=wgsef", "regularizer.k=0"], "k"),
+    (["method=wgsef", "regularizer.lam=-1"], "lam must be >= 0"),
+    (["method=srste", "regularizer.n=4", "regularizer.m=4"], "1 <= n < m"),
 ]
 
 
@@ -131,3 +140,8 @@ def test_failing_sweep_member_isolated(tmp_path):
     status = {d.name: json.loads((d / "summary.json").read_text())["status"] for d in tmp_path.iterdir() if d.is_dir()}
     assert status == {"0": "completed", "1": "failed", "2": "completed"}
     assert "batch_size" in json.loads((tmp_path / "1" / "summary.json").read_text())["error"]
+    r = subprocess.run([sys.executable, "scripts/make_table.py", str(tmp_path), "--name", "t", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (tmp_path / "t.md").read_text()
+    assert "failed" in table and "trainer.batch_size must be an integer >= 1" in table

@@ -111,7 +111,7 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
     (GBLR) are measured as they are: their efficient path is their compact form.
     """
     from wgsef.compress import compact, save_compact
-    from wgsef.measure import measure_model
+    from wgsef.measure import measure_model, sparse_flops
 
     m = cfg.measure
     model = model.cpu().eval()
@@ -134,10 +134,14 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
         out.update(compaction="done", removed_channels=report.removed_channels,
                    zero_weights_left=report.zero_weights, zero_im2col_columns=zero_cols,
                    flops_only=[name for name, n in (("im2col columns", zero_cols),
-                                                    ("unstructured/N:M zeros", report.zero_weights)) if n])
+                                                    ("unstructured/N:M zeros (no CPU speedup)",
+                                                     report.zero_weights)) if n])
     clock = "wall" if torch.cuda.is_available() else m.clock
+    # what kernels that skip zero weights (2:4 sparse tensor cores, sparse CPU kernels) could at best save
+    out["flops_sparse"] = sparse_flops(small, torch.zeros(1, *shape))
     out.update(measure_model(dense, small, shape, batches=tuple(m.batches), threads=m.threads,
                              min_run_time=m.min_run_time, clock=clock))
+    out["flops_sparse_reduction"] = out["flops_dense"] / max(out["flops_sparse"], 1)
     return out
 
 
