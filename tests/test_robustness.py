@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["trainer.progress=false", "trainer.epochs=3", "model=lenet5"]
+FAST = ["trainer.progress=false", "trainer.epochs=3", "model=lenet5", "measure.repeats=1", "measure.min_run_time=0.05"]
 
 
 def train(*args, cwd=ROOT, driver: str | None = None):

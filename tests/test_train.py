@@ -8,7 +8,7 @@ import torch
 from wgsef.run import run
 from wgsef.train import Trainer
 
-FAST = ("trainer.progress=false", "model=lenet5")
+FAST = ("trainer.progress=false", "model=lenet5", "measure.repeats=1", "measure.min_run_time=0.05")
 
 
 def test_digits_lenet_accuracy(make_cfg, tmp_path):

@@ -135,13 +135,15 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
                    zero_weights_left=report.zero_weights, zero_im2col_columns=zero_cols,
                    flops_only=[name for name, n in (("im2col columns", zero_cols),
                                                     ("unstructured/N:M zeros (no CPU speedup)",
-                                                     report.zero_weights)) if n])
+                                                     report.zero_weights)) if n],
+                   # what kernels that skip zero weights (2:4 sparse tensor cores, sparse CPU kernels) could
+                   # at best save
+                   flops_sparse=sparse_flops(small, torch.zeros(1, *shape)))
     clock = "wall" if torch.cuda.is_available() else m.clock
-    # what kernels that skip zero weights (2:4 sparse tensor cores, sparse CPU kernels) could at best save
-    out["flops_sparse"] = sparse_flops(small, torch.zeros(1, *shape))
     out.update(measure_model(dense, small, shape, batches=tuple(m.batches), threads=m.threads,
-                             min_run_time=m.min_run_time, clock=clock))
-    out["flops_sparse_reduction"] = out["flops_dense"] / max(out["flops_sparse"], 1)
+                             min_run_time=m.min_run_time, repeats=m.repeats, clock=clock))
+    if "flops_sparse" in out:
+        out["flops_sparse_reduction"] = out["flops_dense"] / max(out["flops_sparse"], 1)
     return out
 
 
