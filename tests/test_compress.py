@@ -11,15 +11,6 @@ MODELS = {"lenet5": 1, "vgg16": 3, "resnet18": 3, "mobilenetv1": 3}  # name -> i
 CLASSIFIER = {"lenet5": "classifier.5", "vgg16": "classifier.3", "resnet18": "fc", "mobilenetv1": "fc"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread avoids spin-wait stalls on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(name, seed=0):
     """A width-0.25 model in eval mode with random BN affine params and running statistics."""
     torch.manual_seed(seed)

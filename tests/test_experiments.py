@@ -3,11 +3,9 @@ smoke version of it runs end to end on tiny files in the real dataset formats; e
 (configs/method/) trains on digits, and SSL from the dense run finds that run in the table layout."""
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -23,24 +21,6 @@ METHODS = sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml"))
 GROUPS = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger", "method")
 # Smoke settings: one tiny epoch, a cheap measurement, no progress bars.
 SMOKE = ["trainer.epochs=1", "trainer.progress=false", "measure.batches=[1]", "measure.min_run_time=0.01"]
-
-
-@contextmanager
-def single_thread():
-    """Tiny models train several times faster on one thread, and do not collapse when another process
-    holds one of the 2 cores (OpenMP threads waiting on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_thread():
-        yield
 
 
 def compose_with_hydra(*overrides: str):

@@ -290,16 +290,7 @@ def test_bad_regularizer_arguments_and_config():
 
 
 # --- a short training run --------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    # tiny matmuls: thread hand-off costs more than it saves (40x slower with 2 busy cores)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_short_training_on_digits_cuts_flops_at_dense_accuracy(capsys, one_thread):
+def test_short_training_on_digits_cuts_flops_at_dense_accuracy(capsys):
     from sklearn.datasets import load_digits
     torch.manual_seed(0)
     digits = load_digits()

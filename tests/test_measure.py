@@ -8,14 +8,6 @@ from wgsef.measure import count_flops, count_params, eval_mode, latency_ms, meas
 from wgsef.models import build
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("layer, shape, macs", [
     (nn.Conv2d(3, 8, 3, padding=1), (2, 3, 10, 10), 2 * 8 * 10 * 10 * 3 * 3 * 3),
     (nn.Conv2d(4, 6, 5, stride=2, bias=False), (1, 4, 11, 11), 6 * 4 * 4 * 4 * 5 * 5),

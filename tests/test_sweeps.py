@@ -12,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from experiments.train import objective
-from tests.test_experiments import one_thread, single_thread, train  # noqa: F401 (one_thread: autouse fixture)
+from tests.test_experiments import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -45,7 +45,7 @@ def grid(tmp_path_factory):
     """method=wgsef, 2 lambdas x 2 ks with the basic sweeper and launcher (on one thread, as the joblib
     workers: joblib gives each of its 2 workers one of the 2 cores)."""
     sweep_dir = tmp_path_factory.mktemp("grid")
-    with pytest.MonkeyPatch.context() as mp, single_thread():
+    with pytest.MonkeyPatch.context() as mp:
         train(mp, "-m", "method=wgsef", f"regularizer.lam={','.join(LAMS)}", f"regularizer.k={','.join(KS)}",
               *TINY, f"hydra.sweep.dir={sweep_dir}")
     return sweep_dir

@@ -187,14 +187,6 @@ def test_bad_arguments(kw, match):
 
 
 # ------------------------------------------------------------------------------- a tiny real training run
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small batches: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
-
-
 def digits():
     from sklearn.datasets import load_digits
 
@@ -230,7 +222,7 @@ def fit(arch, reg, make_opt, epochs, data):
 
 @pytest.mark.parametrize("arch, k, epochs", [
     ("lenet5", 0.5, 10), pytest.param("vgg16", 0.3, 8, marks=pytest.mark.slow)])
-def test_digits_training_reaches_group_sparsity_at_small_accuracy_loss(one_thread, arch, k, epochs):
+def test_digits_training_reaches_group_sparsity_at_small_accuracy_loss(arch, k, epochs):
     from wgsef.optim import sgd
     from wgsef.penalties.base import Regularizer
 
