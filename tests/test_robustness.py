@@ -42,7 +42,8 @@ BAD = [
      "depth"),
     (["regularizer.lams.depth=1e-3", "method=ssl"], "Could not override 'regularizer.lams.depth'"),
     (["optimizer.momentum"], "Error parsing override 'optimizer.momentum'"),
-    (["method=wgsef", "regularizer.k=0"], "k"),
+    (["method=wgsef", "regularizer.k=0"], "k must be a group count"),
+    (["method=wgsef", "regularizer.k=100000"], "k=100000 is larger than the number of filter groups"),
     (["method=wgsef", "regularizer.lam=-1"], "lam must be >= 0"),
     (["method=srste", "regularizer.n=4", "regularizer.m=4"], "1 <= n < m"),
 ]

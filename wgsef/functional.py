@@ -52,9 +52,11 @@ def _check_weights(a: Tensor, weights) -> Tensor | None:
     return d
 
 
-def _check_k(k) -> int:
+def _check_k(k, n: int) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if k > max(n, 1):
+        raise ValueError(f"k={k} is larger than the number of groups ({n}); k = {n} already keeps every group")
     return int(k)
 
 
@@ -103,7 +105,7 @@ def wgsef_value(a: Tensor, k: int, weights=None, method: str = "auto") -> Tensor
     """
     _check_norms(a)
     d = _check_weights(a, weights)
-    k = _check_k(k)
+    k = _check_k(k, a.numel())
     _check_method(method)
     v = _scaled(a, d)
     v = v[v > 0]
@@ -120,7 +122,7 @@ def wgsef_grad_coeffs(a: Tensor, k: int, weights=None, method: str = "auto") -> 
     """
     _check_norms(a)
     d = _check_weights(a, weights)
-    k = _check_k(k)
+    k = _check_k(k, a.numel())
     _check_method(method)
     v = _scaled(a, d)
     T = v.new_tensor(_tail_mean(v[v > 0], k, method))
@@ -140,7 +142,7 @@ def wgsef_prox(a: Tensor, k: int, mu: float, weights=None, method: str = "auto")
     """
     _check_norms(a)
     d = _check_weights(a, weights)
-    k = _check_k(k)
+    k = _check_k(k, a.numel())
     mu = _check_mu(mu)
     _check_method(method)
     b = a.new_tensor(mu) if d is None else mu * d

@@ -61,6 +61,9 @@ class WGSEF(GroupPenalty):
 
     def build_groups(self, model: nn.Module, example_input: Tensor) -> GroupSet:
         groups = build_groups(model, self.scheme, example_input, layers=self.layers, block=self.block)
+        if isinstance(self.k, int) and self.k > len(groups):
+            raise ValueError(f"k={self.k} is larger than the number of {self.scheme} groups ({len(groups)}); "
+                             "give a smaller count or a kept fraction such as k=0.5")
         sizes = [b.n for b in groups.blocks] if self.scope == "layer" else [len(groups)]
         self.bounds = torch.tensor([0] + sizes).cumsum(0).tolist()
         # a count is capped at the scope's groups; a fraction keeps round-half-up(frac * n) groups, at least 1
