@@ -15,7 +15,7 @@ from hydra.types import RunMode
 
 from wgsef.data import DatasetNotFound
 from wgsef.run import register_resolvers, run, write_json
-from wgsef.train import CheckpointError
+from wgsef.train import CheckpointError, first_line
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger", "method", "experiment", "hparams_search")
@@ -58,7 +58,7 @@ def main(cfg) -> float | None:
     try:
         summary = run(cfg, run_dir, default_method(hc.runtime.choices))
     except Exception as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        message = first_line(e)
         if hc.mode == RunMode.MULTIRUN:  # record the failure, let the other members run
             write_json({"status": "failed", "error": message, "traceback": traceback.format_exc()},
                        run_dir / "summary.json")
@@ -88,7 +88,7 @@ def cli() -> None:
         check_group_choices(sys.argv[1:])
         main()
     except (ValueError, HydraException, OmegaConfBaseException) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -169,6 +169,18 @@ def problems(records: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- writing -------------------------------------------------------------------------------------------
+def parse_runs(parser, script: str, argv: list[str] | None = None):
+    """Parse a report script's arguments (plus the run `paths`) and load the runs; no run found is a
+    one-line error with exit code 2. Returns (args, records, the command line for output headers)."""
+    parser.add_argument("paths", nargs="+", help="run directories or folders that contain them")
+    args = parser.parse_args(argv)
+    try:
+        records = load_runs(args.paths)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    return args, records, command_line(script, argv)
+
+
 def command_line(script: str, argv: list[str] | None = None) -> str:
     """The command that is running, for the header of what it writes; `argv` as given to main(argv)."""
     return shlex.join(["python", *(sys.argv if argv is None else [script, *argv])])

@@ -11,20 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _runs import command_line, load_runs, write_table
+from _runs import parse_runs, write_table
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="run directories or folders that contain them")
     parser.add_argument("--name", required=True, help="table name: writes <out>/<name>.csv and .md")
     parser.add_argument("--out", default="results", help="output folder (default: results)")
-    args = parser.parse_args(argv)
-    command = command_line("scripts/make_table.py", argv)
-    try:
-        records = load_runs(args.paths)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
+    args, records, command = parse_runs(parser, "scripts/make_table.py", argv)
     for path in write_table(records, Path(args.out) / args.name, command):
         print(f"wrote {path}")
     bad = (records["status"] != "completed").sum()

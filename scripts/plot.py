@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from _runs import KEYS, aggregate, command_line, load_metrics, load_runs
+from _runs import KEYS, aggregate, load_metrics, parse_runs
 
 SPEEDUPS = {"speedup_cpu_b1": "CPU, batch 1", "speedup_cpu_b64": "CPU, batch 64",
             "speedup_cuda_b1": "GPU, batch 1", "speedup_cuda_b64": "GPU, batch 64"}
@@ -151,15 +151,9 @@ def figures(records: pd.DataFrame) -> dict[str, Figure | None]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="run directories or folders that contain them")
     parser.add_argument("--out", default="results/figures", help="output folder (default: results/figures)")
     parser.add_argument("--name", default="", help="prefix of the file names")
-    args = parser.parse_args(argv)
-    command = command_line("scripts/plot.py", argv)
-    try:
-        records = load_runs(args.paths)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
+    args, records, command = parse_runs(parser, "scripts/plot.py", argv)
     for name, fig in figures(records).items():
         if fig is None:
             print(f"skipped {name}: no run has the data it needs")

@@ -16,7 +16,7 @@ import torch
 from wgsef import distributed
 from wgsef.distributed import Dist
 from wgsef.logging import NullLogger
-from wgsef.train import Diverged, Trainer, resolve_device, seed_everything
+from wgsef.train import Diverged, Trainer, first_line, resolve_device, seed_everything
 
 
 def epoch_at(fraction: float, epochs: int) -> int:
@@ -37,7 +37,7 @@ def load_init(model, path: str, device) -> None:
         model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
     except Exception as e:
         raise ValueError(f"init_from={path} cannot be loaded into {type(model).__name__}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                         f"{type(e).__name__}: {first_line(e)}") from None
 
 
 def git_commit() -> str:
@@ -116,14 +116,15 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
     m = cfg.measure
     model = model.cpu().eval()
     shape = (spec.in_channels, spec.image_size, spec.image_size)
+    example = torch.zeros(1, *shape)
     # the reference: the dense architecture as built (latency and FLOPs do not depend on the weights)
     dense = instantiate(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels,
                         image_size=spec.image_size).eval()
     out = {}
     try:
-        small = compact(model, torch.zeros(1, *shape), round_to=m.round_to)
+        small = compact(model, example, round_to=m.round_to)
     except Exception as e:  # a method's own layers that the dependency graph cannot prune through
-        small, out["compaction"] = model, f"skipped ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        small, out["compaction"] = model, f"skipped ({type(e).__name__}: {first_line(e)})"
     else:
         report = small.compaction_report
         arch = {"name": cfg.model.name, "num_classes": spec.num_classes, "in_channels": spec.in_channels,
@@ -138,7 +139,7 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
                                                      report.zero_weights)) if n],
                    # what kernels that skip zero weights (2:4 sparse tensor cores, sparse CPU kernels) could
                    # at best save
-                   flops_sparse=sparse_flops(small, torch.zeros(1, *shape)))
+                   flops_sparse=sparse_flops(small, example))
     clock = "wall" if torch.cuda.is_available() else m.clock
     out.update(measure_model(dense, small, shape, batches=tuple(m.batches), threads=m.threads,
                              min_run_time=m.min_run_time, repeats=m.repeats, clock=clock))

@@ -30,6 +30,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read or does not fit this run."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type when it has no message."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -134,7 +140,7 @@ class Trainer:
                 self.scheduler.load_state_dict(ck["scheduler"])
             self.regularizer.load_state_dict(ck["regularizer"])
         except Exception as e:
-            raise CheckpointError(f"cannot resume from {self.ckpt}: {type(e).__name__}: {str(e).splitlines()[0]}; "
+            raise CheckpointError(f"cannot resume from {self.ckpt}: {type(e).__name__}: {first_line(e)}; "
                                   "delete it to start over, or point to the run directory it belongs to") from None
         _set_rng_state(ck["rng"], self.generator)
         self.state = TrainState(**ck["state"])
