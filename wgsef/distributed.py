@@ -61,7 +61,9 @@ def teardown(d: Dist) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The model itself, out of DDP and torch.compile wrappers."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
 
 
 @torch.no_grad()

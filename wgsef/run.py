@@ -16,7 +16,7 @@ import torch
 from wgsef import distributed
 from wgsef.distributed import Dist
 from wgsef.logging import NullLogger
-from wgsef.train import Diverged, Trainer, first_line, resolve_device, seed_everything
+from wgsef.train import Diverged, Trainer, check_options, first_line, prepare_model, resolve_device, seed_everything
 
 
 def epoch_at(fraction: float, epochs: int) -> int:
@@ -75,6 +75,7 @@ def check_trainer(t) -> None:
             raise ValueError(f"trainer.{key} must be an integer >= 1, got {t[key]!r}")
     if not isinstance(t.num_workers, int) or t.num_workers < 0:
         raise ValueError(f"trainer.num_workers must be an integer >= 0, got {t.num_workers!r}")
+    check_options(t.precision, t.channels_last, t.compile)
 
 
 def build(cfg, run_dir: Path, d: Dist, device: torch.device) -> Trainer:
@@ -85,7 +86,7 @@ def build(cfg, run_dir: Path, d: Dist, device: torch.device) -> Trainer:
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     loaders = instantiate(cfg.dataset, batch_size=cfg.trainer.batch_size, num_workers=cfg.trainer.num_workers,
-                          generator=generator, distributed=(d.rank, d.world_size) if d.enabled else None)
+                          generator=generator, distributed=(d.rank, d.world_size) if d.enabled else None, device=device)
     spec = loaders.spec
     model = instantiate(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels,
                         image_size=spec.image_size).to(device)
@@ -95,12 +96,14 @@ def build(cfg, run_dir: Path, d: Dist, device: torch.device) -> Trainer:
     model = regularizer.attach(model, example).to(device)
     optimizer = instantiate(cfg.optimizer)(model, regularizer)
     scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
+    model = prepare_model(model, cfg.trainer.channels_last, cfg.trainer.compile)
     if d.enabled:
         model = torch.nn.parallel.DistributedDataParallel(model)
     logger = (instantiate(cfg.logger)(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
               if d.main else NullLogger())
     return Trainer(model, loaders, optimizer, scheduler, regularizer, epochs=cfg.trainer.epochs, device=device,
-                   run_dir=run_dir, logger=logger, generator=generator, progress=cfg.trainer.progress, dist=d)
+                   run_dir=run_dir, logger=logger, generator=generator, progress=cfg.trainer.progress, dist=d,
+                   precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last)
 
 
 def measure_run(model, cfg, spec, run_dir: Path) -> dict:

@@ -7,6 +7,7 @@ exactly on CPU with the same seed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from wgsef.distributed import Dist, barrier, unwrap
 from wgsef.penalties.base import Regularizer
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 class Diverged(RuntimeError):
@@ -52,24 +55,87 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_options(precision: str = "fp32", channels_last: bool = False, compile: bool | str = False) -> None:
+    """The trainer's speed options, refused with one line naming the key."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not isinstance(channels_last, bool):
+        raise ValueError(f"trainer.channels_last must be true or false, got {channels_last!r}")
+    if not isinstance(compile, (bool, str)) or compile == "":
+        raise ValueError(f"trainer.compile must be true, false or a torch.compile backend name, got {compile!r}")
+
+
+def prepare_model(model: nn.Module, channels_last: bool = False, compile: bool | str = False) -> nn.Module:
+    """channels_last memory format (in place: the parameters stay the same objects), then torch.compile
+    (`compile` true: the default inductor backend; a string: that backend). unwrap() gives back the model."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model, **({} if compile is True else {"backend": compile}))
+    return model
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """torch.autocast for `precision` (bf16) on `device`; a no-op context for fp32."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def to_device(x: Tensor, y: Tensor, device: torch.device, channels_last: bool = False) -> tuple[Tensor, Tensor]:
+    """A batch on `device` (asynchronous from pinned memory), images in the model's memory format."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x), y
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
+             channels_last: bool = False) -> dict[str, float]:
+    """Mean loss and accuracy over `loader`, summed on the device and read once."""
     model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
+        x, y = to_device(x, y, device, channels_last)
+        with autocast(device, precision):
+            out = model(x)
+        loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
         n += len(y)
-    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+    return {"loss": loss_sum.item() / max(n, 1), "acc": correct.item() / max(n, 1)}
 
 
 def weight_sparsity(model: nn.Module) -> float:
     """Fraction of exactly-zero entries in conv and linear weights, counted from the weights."""
     ws = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    total = sum(w.numel() for w in ws)
-    return sum(int((w == 0).sum()) for w in ws) / max(total, 1)
+    if not ws:
+        return 0.0
+    return int(torch.stack([(w == 0).sum() for w in ws]).sum()) / sum(w.numel() for w in ws)
+
+
+def all_finite(tensors) -> bool:
+    """True when every entry of every tensor is finite (one host sync)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+class FiniteLog:
+    """Whether each step's loss was finite, written on the device without a host sync and read every
+    `every` steps (and at the end of an epoch): one sync per `every` steps, the exact bad step when read."""
+
+    def __init__(self, every: int, device: torch.device):
+        self.flags = torch.ones(every, dtype=torch.bool, device=device)
+        self.start = 0  # the step of flags[0]
+
+    def record(self, step: int, loss: Tensor) -> None:
+        self.flags[step - self.start] = torch.isfinite(loss.detach())
+
+    def first_bad(self, upto: int) -> int | None:
+        """The first step in [start, upto] whose loss was not finite, or None; starts a new window."""
+        flags = self.flags[:upto - self.start + 1]
+        bad = None if bool(flags.all()) else self.start + int((~flags).nonzero()[0])
+        self.flags.fill_(True)
+        self.start = upto + 1
+        return bad
 
 
 @dataclass
@@ -110,10 +176,13 @@ class Trainer:
 
     def __init__(self, model, loaders, optimizer, scheduler, regularizer: Regularizer, *, epochs: int,
                  device: torch.device, run_dir: str | Path, logger, generator: torch.Generator,
-                 progress: bool = True, dist: Dist = Dist()):
+                 progress: bool = True, dist: Dist = Dist(), precision: str = "fp32", channels_last: bool = False,
+                 check_every: int = 100):
+        check_options(precision, channels_last)
         self.model, self.loaders, self.optimizer, self.scheduler = model, loaders, optimizer, scheduler
         self.regularizer, self.epochs, self.device, self.logger = regularizer, epochs, device, logger
         self.generator, self.progress, self.dist = generator, progress and dist.main, dist
+        self.precision, self.channels_last, self.check_every = precision, channels_last, check_every
         self.ckpt = Path(run_dir) / "checkpoints" / "last.pt"
         self.state = TrainState()
 
@@ -149,42 +218,63 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch without host syncs in the step: loss and accuracy are summed on the device and read at
+        the end; the loss's finiteness is read every `check_every` steps (Diverged names the exact step)."""
         self.model.train()
-        loss_sum, correct, n = 0.0, 0, 0
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        n, finite = 0, FiniteLog(self.check_every, self.device)
+
+        def check(step: int) -> None:
+            bad = finite.first_bad(step)
+            if bad is not None:
+                raise Diverged(f"the training loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1}")
+
         bar = tqdm(self.loaders.train, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
                    disable=not self.progress)
+        step = -1
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(self.device), y.to(self.device)
-            out = self.model(x)
-            loss = nn.functional.cross_entropy(out, y)
-            extra = self.regularizer.loss()
-            total = loss if extra is None else loss + extra
-            if not torch.isfinite(total):
-                raise Diverged(f"the training loss became {total.item()} at epoch {epoch + 1}, step {step + 1}")
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
-            self.regularizer.after_step(self.optimizer.param_groups[0]["lr"])
-            loss_sum += loss.item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
+            x, y = to_device(x, y, self.device, self.channels_last)
+            try:
+                with autocast(self.device, self.precision):
+                    out = self.model(x)
+                    loss = nn.functional.cross_entropy(out, y)
+                extra = self.regularizer.loss()
+                total = loss if extra is None else loss + extra
+                finite.record(step, total)
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                self.optimizer.step()
+                self.regularizer.after_step(self.optimizer.param_groups[0]["lr"])
+            except Exception:
+                check(step)  # a method that chokes on NaN inputs: report the divergence that caused it
+                raise
+            with torch.no_grad():
+                loss_sum += loss.detach() * len(y)
+                correct += (out.argmax(1) == y).sum()
             n += len(y)
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
-        if any(not torch.isfinite(p).all() for p in self.model.parameters()):
+            if step - finite.start + 1 == self.check_every:
+                check(step)
+                if self.progress:
+                    bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", acc=f"{correct.item() / n:.3f}")
+        check(step)
+        if not all_finite(self.model.parameters()):
             raise Diverged(f"a parameter became NaN or infinite during epoch {epoch + 1}")
-        return {"train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1)}
+        return {"train_loss": loss_sum.item() / max(n, 1), "train_acc": correct.item() / max(n, 1)}
 
     def fit(self) -> TrainState:
         for epoch in range(self.state.epoch, self.epochs):
             t0 = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
-            for stage in (self.optimizer, self.loaders.train.sampler):  # HSPG's stage, DDP's shard order
+            for stage in (self.optimizer, getattr(self.loaders.train, "sampler", None)):  # HSPG's stage, DDP's shard order
                 if hasattr(stage, "set_epoch"):
                     stage.set_epoch(epoch)
             self.regularizer.on_epoch_start(epoch, self.epochs)
             row = {"epoch": epoch + 1, **self._train_epoch(epoch)}
             if self.scheduler:
                 self.scheduler.step()
-            val, test = evaluate(self.model, self.loaders.val, self.device), evaluate(self.model, self.loaders.test, self.device)
+            val, test = (evaluate(self.model, loader, self.device, self.precision, self.channels_last)
+                         for loader in (self.loaders.val, self.loaders.test))
             row.update(val_loss=val["loss"], val_acc=val["acc"], test_acc=test["acc"], lr=lr,
                        weight_sparsity=weight_sparsity(self.model))
             row.update(self.regularizer.metrics())  # a method may report its own (effective) sparsity
