@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: help install test test-slow demo readme-table bench bench-prox bench-compaction bench-gblr bench-nm clean \
+.PHONY: help install test test-slow demo readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-step gpu-check clean \
 	reproduce-table-fmnist reproduce-table-cifar10 reproduce-table-cifar100 reproduce-table-nm reproduce-table-gblr
 
 help: ## list the targets
@@ -81,7 +81,14 @@ bench-gblr: $(STAMP) ## GBLR tiled inference path vs dense layer latency -> resu
 bench-nm: $(STAMP) ## 2:4 semi-structured vs dense Linear latency (needs a CUDA GPU)
 	$(PY) scripts/bench_nm.py
 
-bench: bench-prox bench-compaction bench-gblr ## every CPU benchmark
+BENCH_STEP ?= --models vgg16 resnet18 --batch 32 --steps 6 --width 0.25
+bench-step: $(STAMP) ## ms, operator calls and host syncs per training step per method; CIFAR input pipeline -> results/step_bench.{csv,md}
+	$(PY) scripts/bench_step.py $(BENCH_STEP)
+
+gpu-check: $(STAMP) ## on one CUDA GPU (< 8 min): CUDA tests, every method one epoch, step/prox/2:4/latency benches -> results/gpu_check.md
+	$(PY) scripts/gpu_check.py
+
+bench: bench-prox bench-compaction bench-gblr bench-step ## every CPU benchmark
 
 clean: ## remove run directories and caches (keeps .venv and results/)
 	rm -rf runs outputs multirun .pytest_cache

@@ -133,6 +133,25 @@ def _torchvision(name: str, root: str | Path, download: bool):
                               f"or set dataset.root=<dir holding {v.folder}>") from None
 
 
+class _Synthetic(Dataset):
+    """Random uint8 images in a torchvision dataset's layout (`data`, `targets`; items are (PIL image,
+    label)), for benchmarks and GPU checks without the files."""
+
+    def __init__(self, v: _Vision, n: int, seed: int):
+        g = np.random.default_rng(seed)
+        c, size = v.spec.in_channels, v.spec.image_size
+        self.data = g.integers(0, 256, (n, size, size, c) if c > 1 else (n, size, size), dtype=np.uint8)
+        self.targets = g.integers(0, v.spec.num_classes, n).tolist()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return Image.fromarray(self.data[i]), self.targets[i]
+
+
 def _as_uint8(ds) -> tuple[Tensor, Tensor]:
     """torchvision dataset -> (uint8 images N x C x H x W, int64 labels)."""
     data = torch.as_tensor(np.asarray(ds.data))
@@ -270,7 +289,7 @@ def build_loaders(name: str, root: str | Path = "data", batch_size: int = 128, e
                   val_fraction: float = 0.1, split_seed: int = 0, num_workers: int = 0, image_size: int = 16,
                   download: bool = True, generator: torch.Generator | None = None,
                   limit: int | None = None, distributed: tuple[int, int] | None = None,
-                  loader: str = "device", device: torch.device | str = "cpu") -> Loaders:
+                  loader: str = "device", device: torch.device | str = "cpu", synthetic: int | None = None) -> Loaders:
     """Train/val/test loaders for `name`.
 
     image_size only applies to digits (the others have their native size). `generator` drives the
@@ -279,6 +298,8 @@ def build_loaders(name: str, root: str | Path = "data", batch_size: int = 128, e
     world_size)` gives each rank its shard of the training set (batch_size is per rank); validation and test
     sets are evaluated whole on every rank. `loader=device` keeps the data on `device` (falling back to the
     DataLoader, with a warning, when it would take more than a quarter of the free GPU memory).
+    `synthetic=n` replaces the files by n random training images (and n/5 test images) in the dataset's
+    format, for benchmarks and GPU checks.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
@@ -293,7 +314,10 @@ def build_loaders(name: str, root: str | Path = "data", batch_size: int = 128, e
         splits = [(x[cut(slice(None))], y[cut(slice(None))]) for x, y in _digits(image_size)]
     else:
         v, spec = VISION[name], VISION[name].spec
-        train_ds, test_ds = _torchvision(name, root, download)
+        if synthetic:
+            train_ds, test_ds = _Synthetic(v, synthetic, 0), _Synthetic(v, max(1, synthetic // 5), 1)
+        else:
+            train_ds, test_ds = _torchvision(name, root, download)
         tr_idx, val_idx = _split(len(train_ds), val_fraction, split_seed)
         side = spec.image_size + 2 * PAD * v.augment
         if loader == "device" and not _fits((len(train_ds) + len(test_ds)) * spec.in_channels * side ** 2, device):

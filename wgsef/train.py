@@ -262,14 +262,18 @@ class Trainer:
             raise Diverged(f"a parameter became NaN or infinite during epoch {epoch + 1}")
         return {"train_loss": loss_sum.item() / max(n, 1), "train_acc": correct.item() / max(n, 1)}
 
+    def start_epoch(self, epoch: int) -> None:
+        """Tell the optimizer (HSPG's stage), the DDP sampler and the regularizer which epoch begins."""
+        for stage in (self.optimizer, getattr(self.loaders.train, "sampler", None)):
+            if hasattr(stage, "set_epoch"):
+                stage.set_epoch(epoch)
+        self.regularizer.on_epoch_start(epoch, self.epochs)
+
     def fit(self) -> TrainState:
         for epoch in range(self.state.epoch, self.epochs):
             t0 = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
-            for stage in (self.optimizer, getattr(self.loaders.train, "sampler", None)):  # HSPG's stage, DDP's shard order
-                if hasattr(stage, "set_epoch"):
-                    stage.set_epoch(epoch)
-            self.regularizer.on_epoch_start(epoch, self.epochs)
+            self.start_epoch(epoch)
             row = {"epoch": epoch + 1, **self._train_epoch(epoch)}
             if self.scheduler:
                 self.scheduler.step()
