@@ -212,3 +212,26 @@ def test_bad_options_refused(key, value, message):
     with pytest.raises(ValueError, match=message):
         check_options(**{"precision": "fp32", "channels_last": False, "compile": False,
                          key: {"1.5": 1.5}.get(value, value)})
+
+
+def test_gpu_check_cpu_mode(tmp_path, monkeypatch):
+    """`make gpu-check` at tiny sizes on the CPU: every section runs and reports; every method preset trains
+    one epoch on synthetic CIFAR-format data; CUDA-only parts say they were skipped."""
+    from pathlib import Path
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    monkeypatch.syspath_prepend(scripts)
+    import gpu_check
+
+    out = tmp_path / "gpu_check.md"
+    code = gpu_check.main(["--cpu", "--out", str(out)])
+    report = out.read_text()
+    assert report.splitlines()[0] == f"python scripts/gpu_check.py --cpu --out {out}"
+    assert code == 0 and "6/6 sections ok" in report, report
+    for method in gpu_check._presets():
+        assert f"| {method} | completed |" in report
+    for method in gpu_check.bench_step.METHODS:
+        assert f"| vgg16 | fp32 | {method} |" in report
+    assert "skipped: no CUDA GPU" in report and "latency_ms_cpu_b1_compact" in report
+    removed = next(line for line in report.splitlines() if line.startswith("| removed_channels"))
+    assert int(removed.split("|")[2]) > 0  # the WGSEF run was compacted for real
