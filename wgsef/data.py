@@ -229,7 +229,9 @@ class DeviceLoader:
             keep = torch.arange(total) % self.n  # wrap around to equal shards
             keep = keep[rank::world]
             order, offsets, flips = order[keep], *(t[keep] if t is not None else None for t in (offsets, flips))
-        return tuple(t.to(self.device, non_blocking=True) if t is not None else None for t in (order, offsets, flips))
+        pin = self.device.type == "cuda"  # from pinned memory the copy does not wait for the GPU
+        return tuple(None if t is None else (t.pin_memory() if pin else t).to(self.device, non_blocking=True)
+                     for t in (order, offsets, flips))
 
     def _batch(self, idx: Tensor, offsets: Tensor | None, flips: Tensor | None) -> Tensor:
         x = self.images.index_select(0, idx)
