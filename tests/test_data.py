@@ -160,6 +160,15 @@ def test_digits_split_and_normalisation(loader):
     assert torch.equal(whole(again.test)[0], data("test")[0])
 
 
+@pytest.mark.parametrize("loader", ["device", "dataloader"])
+@pytest.mark.parametrize("name", ["digits", "cifar10"])
+def test_limit_keeps_the_first_examples(tmp_path, no_checksum, loader, name):
+    if name == "cifar10":
+        make_cifar(tmp_path, name)
+    loaders = build_loaders(name, root=tmp_path, batch_size=4, download=False, loader=loader, limit=7)
+    assert [len(whole(getattr(loaders, split))[1]) for split in ("train", "val", "test")] == [7, 7, 7]
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         build_loaders("mnist")

@@ -310,10 +310,10 @@ def build_loaders(name: str, root: str | Path = "data", batch_size: int = 128, e
     if loader not in LOADERS:
         raise ValueError(f"dataset.loader must be one of {', '.join(LOADERS)}, got '{loader}'")
     device = torch.device(device)
-    cut = (lambda idx: idx[:limit]) if limit else (lambda idx: idx)
+    cut = (lambda seq: seq[:limit]) if limit else (lambda seq: seq)  # indices or tensors
     if name == "digits":
         v, spec = None, DataSpec(10, 1, image_size)
-        splits = [(x[cut(slice(None))], y[cut(slice(None))]) for x, y in _digits(image_size)]
+        splits = [(cut(x), cut(y)) for x, y in _digits(image_size)]
     else:
         v, spec = VISION[name], VISION[name].spec
         if synthetic:
@@ -328,7 +328,7 @@ def build_loaders(name: str, root: str | Path = "data", batch_size: int = 128, e
             loader = "dataloader"
         if loader == "device":
             (images, labels), test = _as_uint8(train_ds), _as_uint8(test_ds)
-            splits = [(images[cut(i)], labels[cut(i)]) for i in (tr_idx, val_idx)] + [tuple(t[cut(slice(None))] for t in test)]
+            splits = [(images[cut(i)], labels[cut(i)]) for i in (tr_idx, val_idx)] + [tuple(cut(t) for t in test)]
     if loader == "device":
         norm = dict(mean=v.mean, std=v.std) if v else {}
         aug = dict(pad=PAD, flip=True) if v and v.augment else {}
