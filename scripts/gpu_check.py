@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -54,12 +55,13 @@ class Sizes:
     nm_sizes: tuple[str, ...]
     latency_batches: str
     min_run_time: float
+    cpu_threads: int  # torch threads of the CPU latency measurement in section 2
 
 
-GPU = Sizes(("model=resnet18",), 128 * 40, 128, ("resnet18", "vgg16"), ("fp32", "bf16"), 128, 15, 1.0,
-            RESNET18_PARAMS, ("64x4096x4096", "2048x4096x11008"), "[1,128]", 0.2)
+GPU = Sizes(("model=resnet18",), 128 * 40, 128, ("resnet18", "vgg16"), ("fp32", "bf16"), 128, 12, 1.0,
+            RESNET18_PARAMS, ("64x4096x4096", "2048x4096x11008"), "[1,128]", 0.2, min(8, os.cpu_count() or 1))
 CPU = Sizes(("model=vgg16", "model.width=0.0625"), 64, 32, ("vgg16",), ("fp32",), 4, 3, 0.0625, 100_000, (),
-            "[1]", 0.01)
+            "[1]", 0.01, 1)
 
 
 def section(title: str):
@@ -108,7 +110,7 @@ def one_epoch_runs(sizes: Sizes, out: dict):
                 f"method={method}", *EXTRA.get(method, ()), "dataset=cifar10", f"dataset.synthetic={sizes.run_images}", *sizes.run_model,
                 f"trainer.batch_size={sizes.run_batch}", "trainer.epochs=1", "trainer.progress=false",
                 f"measure.batches={sizes.latency_batches}", f"measure.min_run_time={sizes.min_run_time}",
-                "measure.repeats=1", "measure.clock=wall")
+                "measure.repeats=1", "measure.clock=wall", f"measure.threads={sizes.cpu_threads}")
             t0 = time.perf_counter()
             try:
                 summary = run(cfg, tmp, method)

@@ -215,3 +215,37 @@ def test_root_is_a_file(tmp_path):
     with pytest.raises(DatasetNotFound, match=f"dataset.root={root} is a file, not a folder"):
         build_loaders("cifar10", root=root, download=True)
     assert root.read_text() == "mine"
+
+
+@pytest.mark.parametrize("case", ["root_is_file", "corrupt_cifar", "random_fashion"])
+def test_dataset_errors_on_the_command_line(tmp_path, monkeypatch, capsys, case):
+    """Through `experiments.train`: one line naming what is wrong with which file, exit 2, no run directory."""
+    import sys
+
+    from experiments.train import cli
+
+    if case == "root_is_file":
+        root, name = tmp_path / "notes.txt", "cifar10"
+        root.write_text("mine")
+        expected = f"dataset.root={root} is a file"
+    elif case == "corrupt_cifar":
+        root, name = tmp_path / "data", "cifar10"
+        make_cifar(root, name)
+        (root / "cifar-10-batches-py" / "test_batch").write_bytes(b"garbage")
+        expected = f"{root / 'cifar-10-batches-py'}/"  # a file in the folder, named
+    else:
+        root, name = tmp_path / "data", "fashion_mnist"
+        make_fashion(root)
+        for f in (root / "FashionMNIST" / "raw").iterdir():
+            f.write_bytes(np.random.default_rng(1).bytes(1000))
+        expected = f"{root / 'FashionMNIST' / 'raw'}/train-images-idx3-ubyte is not a valid fashion_mnist file"
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["train", f"dataset={name}", f"dataset.root={root}", "trainer.progress=false",
+                                      f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit) as exit_:
+        cli()
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert "not found" not in lines[0] and "URLError" not in lines[0]
+    assert not run_dir.exists()
