@@ -202,6 +202,25 @@ def test_corrupt_files_named(tmp_path, monkeypatch, name, checksum):
     assert _files(tmp_path) == before
 
 
+def test_fashion_mnist_from_gz_files(tmp_path):
+    """The .gz files as downloaded, put there by hand: decompressed beside them, read, nothing else touched."""
+    import gzip
+
+    make_fashion(tmp_path)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    for f in list(raw.iterdir()):
+        (raw / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
+        f.unlink()
+    loaders = build_loaders("fashion_mnist", root=tmp_path, batch_size=8, download=False)
+    assert sum(len(y) for _, y in loaders.train) == 36
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(DatasetNotFound, match="t10k-labels-idx1-ubyte.gz is not a valid fashion_mnist file: it cannot"):
+        build_loaders("fashion_mnist", root=tmp_path, download=True)
+    assert sorted(p.name for p in raw.iterdir() if not p.name.endswith(".gz")) == sorted(
+        ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"])
+
+
 def test_incomplete_folder_named(tmp_path):
     make_cifar(tmp_path, "cifar10")
     (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()

@@ -13,7 +13,10 @@ Two loaders (`dataset.loader`):
 """
 from __future__ import annotations
 
+import gzip
+import os
 import pickle
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 
 class DatasetNotFound(RuntimeError):
@@ -100,6 +103,17 @@ def _unreadable(cls, folder: Path, expected) -> tuple[Path, str] | None:
     return None
 
 
+def _gunzip(gz: Path) -> None:
+    """Decompress `gz` beside itself (through a temporary file: a failure leaves nothing behind)."""
+    tmp = gz.with_name(gz.name + ".part")
+    try:
+        with gzip.open(gz) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, gz.with_suffix(""))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _torchvision(name: str, root: str | Path, download: bool):
     """torchvision's (train, test) datasets of `name`, without transforms; one-line DatasetNotFound when
     the files are missing, incomplete, corrupt or `root` is not a folder. Never downloads over files the
@@ -119,6 +133,14 @@ def _torchvision(name: str, root: str | Path, download: bool):
     if present and len(present) < len(expected):
         missing = [f for f, _ in expected if f not in present]
         raise DatasetNotFound(f"{name} in {folder} is incomplete: {', '.join(missing)} missing; {where}")
+    for f in present:  # .gz files put there by hand: torchvision reads the decompressed ones
+        gz = folder / f"{f}.gz"
+        if not (folder / f).exists():
+            try:
+                _gunzip(gz)
+            except Exception as e:  # noqa: BLE001 - a broken archive
+                raise DatasetNotFound(f"{gz} is not a valid {name} file: it cannot be decompressed "
+                                      f"({type(e).__name__}); replace it with the original, or {where}") from None
     get = not present and download
     try:
         return cls(str(root), train=True, download=get), cls(str(root), train=False, download=False)
