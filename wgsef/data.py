@@ -366,7 +366,8 @@ def build_loaders(name: str, root: str | Path = "data", batch_size: int = 128, e
         train = _Transformed(train_ds, cut(tr_idx), _transforms(v, True))
         val = _Transformed(train_ds, cut(val_idx), _transforms(v, False))
         test = _Transformed(test_ds, cut(range(len(test_ds))), _transforms(v, False))
-    common = dict(num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
+    # workers restart each epoch and draw their seeds from `generator`: a resumed run augments the same way
+    common = dict(num_workers=num_workers, persistent_workers=False, pin_memory=device.type == "cuda")
     if distributed:
         seed = generator.initial_seed() if generator is not None else 0
         shuffle = dict(sampler=DistributedSampler(train, num_replicas=distributed[1], rank=distributed[0], seed=seed))
