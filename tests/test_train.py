@@ -28,8 +28,9 @@ def _final_state(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
 
 
-def test_resume_matches_uninterrupted(make_cfg, tmp_path, monkeypatch):
-    cfg = make_cfg(*FAST, "trainer.epochs=3")
+@pytest.mark.parametrize("loader", ["device", "dataloader"])
+def test_resume_matches_uninterrupted(make_cfg, tmp_path, monkeypatch, loader):
+    cfg = make_cfg(*FAST, "trainer.epochs=3", f"dataset.loader={loader}")
     run(cfg, tmp_path / "full")
 
     save = Trainer.save
@@ -43,7 +44,7 @@ def test_resume_matches_uninterrupted(make_cfg, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "cut")
     monkeypatch.setattr(Trainer, "save", save)
-    summary = run(make_cfg(*FAST, "trainer.epochs=3", "resume=true"), tmp_path / "cut")
+    summary = run(make_cfg(*FAST, "trainer.epochs=3", "resume=true", f"dataset.loader={loader}"), tmp_path / "cut")
     assert summary["resumed"]
 
     full, cut = (pd.read_csv(tmp_path / d / "metrics.csv").drop(columns="time") for d in ("full", "cut"))
