@@ -137,12 +137,16 @@ def measure(trainer, clock: str) -> dict:
 
 
 def bench_steps(models, methods, precisions, *, batch: int, steps: int, width: float, device: torch.device,
-                clock: str, log=print) -> list[dict]:
+                clock: str, log=print, deadline: float | None = None) -> list[dict]:
+    """One row per model x precision x method; past `deadline` (time.perf_counter) the rest is left out."""
     rows = []
     for model in models:
         for precision in precisions:
             dense = None
             for method in methods:
+                if deadline is not None and time.perf_counter() > deadline:
+                    log(f"time is up: {model} {precision} {method} and the rest left out")
+                    return rows
                 with tempfile.TemporaryDirectory() as tmp:
                     trainer = make_trainer(method, model, batch=batch, steps=steps, width=width,
                                            precision=precision, device=device, run_dir=Path(tmp))
