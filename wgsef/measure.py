@@ -3,7 +3,8 @@
 FLOPs convention: FLOPs = 2 * MACs of conv / linear / matmul ops, exactly as torch's FlopCounterMode
 counts them (BN, activations, pooling and additions are not counted). `flops_reduction` and
 `params_reduction` are factors dense / compact (2.0 means half the work), `speedup_*` is latency
-dense / compact.
+dense / compact. Latency keys name the runtime: `cpu_b64` / `cuda_b64` is PyTorch eager, `ort_cpu_b64` is
+the same models exported to ONNX and run by onnxruntime on the CPU (wgsef.deploy).
 """
 from __future__ import annotations
 
@@ -72,6 +73,14 @@ def sparsity(model: nn.Module) -> float:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
+def _check_timing(device_type: str, threads: int, min_run_time: float, warmup: int, clock: str) -> None:
+    if min_run_time <= 0 or warmup < 0:
+        raise ValueError(f"min_run_time must be > 0 and warmup >= 0, got {min_run_time}, {warmup}")
+    if clock not in CLOCKS or (clock == "cpu" and (device_type != "cpu" or threads != 1)):
+        raise ValueError(f"clock must be 'wall', or 'cpu' with device cpu and threads=1; got {clock!r}, "
+                         f"{device_type}, threads={threads}")
+
+
 def latency_ms(model: nn.Module, example_input: torch.Tensor, device: str | torch.device,
                threads: int | None = None, min_run_time: float = 0.5, warmup: int = 3,
                clock: str = "wall", channels_last: bool = False) -> float:
@@ -88,11 +97,7 @@ def latency_ms(model: nn.Module, example_input: torch.Tensor, device: str | torc
     threads = threads or torch.get_num_threads()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("latency on cuda was requested but CUDA is not available")
-    if min_run_time <= 0 or warmup < 0:
-        raise ValueError(f"min_run_time must be > 0 and warmup >= 0, got {min_run_time}, {warmup}")
-    if clock not in CLOCKS or (clock == "cpu" and (device.type != "cpu" or threads != 1)):
-        raise ValueError(f"clock must be 'wall', or 'cpu' with device cpu and threads=1; got {clock!r}, "
-                         f"{device.type}, threads={threads}")
+    _check_timing(device.type, threads, min_run_time, warmup, clock)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = copy.deepcopy(model).to(device, memory_format=memory_format).eval()
     x = example_input.to(device, memory_format=memory_format)
@@ -106,15 +111,42 @@ def latency_ms(model: nn.Module, example_input: torch.Tensor, device: str | torc
         return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def ort_latency_ms(sess, example_input: torch.Tensor, min_run_time: float = 0.5, warmup: int = 3,
+                   clock: str = "wall") -> float:
+    """Median latency in ms of one run of an onnxruntime session (wgsef.deploy.session) on example_input,
+    timed like latency_ms; clock="cpu" needs a session with 1 thread (which runs on the calling thread)."""
+    threads = sess.get_session_options().intra_op_num_threads
+    _check_timing("cpu", threads, min_run_time, warmup, clock)
+    feed = {sess.get_inputs()[0].name: example_input.detach().cpu().numpy()}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    timer = benchmark.Timer(stmt="sess.run(None, feed)", globals={"sess": sess, "feed": feed}, timer=CLOCKS[clock])
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def _ort_sessions(models: dict, example_input: torch.Tensor, threads: int) -> tuple[dict, str]:
+    """{tag: onnxruntime session} of each model exported to ONNX, or ({}, why not) in one line."""
+    from wgsef.deploy import session, to_onnx
+    from wgsef.train import first_line
+
+    try:
+        return {tag: session(to_onnx(m, example_input), threads) for tag, m in models.items()}, "done"
+    except Exception as e:  # a method's own layers that the exporter cannot trace
+        return {}, f"skipped ({type(e).__name__}: {first_line(e)})"
+
+
 def measure_model(model_dense: nn.Module, model_compact: nn.Module, image_shape, devices=None,
                   batches=(1, 64), threads: int | None = None, min_run_time: float = 0.5,
-                  repeats: int = 1, clock: str = "wall", channels_last: bool = False) -> dict:
+                  repeats: int = 1, clock: str = "wall", channels_last: bool = False,
+                  onnxruntime: bool = False) -> dict:
     """Flat dict comparing a dense model with its compacted copy (see the module docstring for units).
 
     image_shape is (C, H, W); devices defaults to CPU plus CUDA when available. Each latency is the
     median over `repeats` measurements taken alternately dense / compact, so that a drifting machine
     load biases neither side. Time spent is about 2 * repeats * min_run_time per device and batch.
-    clock and channels_last are passed to latency_ms and recorded in the dict.
+    clock and channels_last are passed to latency_ms and recorded in the dict. onnxruntime=True also
+    times both models exported to ONNX in onnxruntime on the CPU (keys `*_ort_cpu_b<batch>*`, measured in
+    the same alternation); `onnxruntime_latency` says "done" or, in one line, why it was skipped.
     """
     if len(image_shape) != 3:
         raise ValueError(f"image_shape must be (channels, height, width), got {tuple(image_shape)}")
@@ -127,17 +159,26 @@ def measure_model(model_dense: nn.Module, model_compact: nn.Module, image_shape,
            "flops_dense": count_flops(model_dense, one), "flops_compact": count_flops(model_compact, one)}
     out["params_reduction"] = out["params_dense"] / out["params_compact"]
     out["flops_reduction"] = out["flops_dense"] / out["flops_compact"]
+    models = {"dense": model_dense, "compact": model_compact}
+    sessions = {}
+    if onnxruntime:
+        sessions, out["onnxruntime_latency"] = _ort_sessions(models, one, threads)
     for device in devices:
+        device_type = torch.device(device).type
         for b in batches:
             x = torch.randn(b, *image_shape)
-            key = f"{torch.device(device).type}_b{b}"
-            times = {"dense": [], "compact": []}
+            timers = {f"{device_type}_b{b}": lambda tag: latency_ms(models[tag], x, device, threads, min_run_time,
+                                                                     clock=clock, channels_last=channels_last)}
+            if sessions and device_type == "cpu":
+                timers[f"ort_cpu_b{b}"] = lambda tag: ort_latency_ms(sessions[tag], x, min_run_time, clock=clock)
+            times = {(key, tag): [] for key in timers for tag in models}
             for _ in range(repeats):
-                for tag, model in (("dense", model_dense), ("compact", model_compact)):
-                    times[tag].append(latency_ms(model, x, device, threads, min_run_time, clock=clock,
-                                                 channels_last=channels_last))
-            for tag, values in times.items():
+                for key, timer in timers.items():
+                    for tag in models:
+                        times[key, tag].append(timer(tag))
+            for (key, tag), values in times.items():
                 out[f"latency_ms_{key}_{tag}"] = statistics.median(values)
-            out[f"speedup_{key}"] = out[f"latency_ms_{key}_dense"] / out[f"latency_ms_{key}_compact"]
+            for key in timers:
+                out[f"speedup_{key}"] = out[f"latency_ms_{key}_dense"] / out[f"latency_ms_{key}_compact"]
     out.update(threads=threads, clock=clock, channels_last=channels_last)
     return out

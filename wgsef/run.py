@@ -114,6 +114,7 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
     (GBLR) are measured as they are: their efficient path is their compact form.
     """
     from wgsef.compress import compact, save_compact
+    from wgsef.deploy import export_checked
     from wgsef.measure import measure_model, sparse_flops
 
     m = cfg.measure
@@ -134,6 +135,8 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
                 "image_size": spec.image_size, **{k: v for k, v in cfg.model.items() if k not in ("_target_", "name")}}
         save_compact(small, run_dir / "compact.pt", arch)
         write_json(report.widths(), run_dir / "compact.json")
+        if m.onnx:
+            out.update(export_checked(small, example, run_dir / "compact.onnx"))
         zero_cols = sum(z for z, _ in report.shape_zero_columns.values())
         out.update(compaction="done", removed_channels=report.removed_channels,
                    zero_weights_left=report.zero_weights, zero_im2col_columns=zero_cols,
@@ -145,7 +148,7 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
                    flops_sparse=sparse_flops(small, example))
     clock = "wall" if torch.cuda.is_available() else m.clock
     out.update(measure_model(dense, small, shape, batches=tuple(m.batches), threads=m.threads,
-                             min_run_time=m.min_run_time, repeats=m.repeats, clock=clock))
+                             min_run_time=m.min_run_time, repeats=m.repeats, clock=clock, onnxruntime=m.onnx))
     if "flops_sparse" in out:
         out["flops_sparse_reduction"] = out["flops_dense"] / max(out["flops_sparse"], 1)
     return out
