@@ -142,7 +142,7 @@ def test_objective():
 def test_optuna_lambda_search(tmp_path, monkeypatch):
     """Two Optuna trials: lambda drawn log-uniformly in the configured range, each trial's value is
     objective() of its own run, and the best trial is reported in optimization_results.yaml."""
-    studies = []  # the sweeper's in-memory study (sqlite storage fails here: optuna 2.10 with SQLAlchemy 2)
+    studies = []  # the sweeper's in-memory study (storage: null)
     create_study = optuna.create_study
     monkeypatch.setattr(optuna, "create_study", lambda **kw: studies.append(create_study(**kw)) or studies[-1])
     sweep_dir = tmp_path / "sweep"
@@ -161,3 +161,21 @@ def test_optuna_lambda_search(tmp_path, monkeypatch):
         assert trial.value == pytest.approx(lam if acc >= reference - 0.05 else acc - (reference - 0.05))
     result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert result["best_value"] == max(t.value for t in trials)
+
+
+def test_optuna_sqlite_study_resumes(tmp_path, monkeypatch):
+    """Persistent storage: a second invocation on the same sqlite study continues it (trial numbers go on,
+    the first trial is still there) instead of starting a new one; its own sweep directory holds its run."""
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    common = ["hparams_search=wgsef_lambda", "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}",
+              "objective.reference=0.2", *TINY]
+    train(monkeypatch, "-m", *common, f"hydra.sweep.dir={tmp_path / 'first'}")
+    first = optuna.load_study(study_name="wgsef_lambda", storage=storage).trials
+    train(monkeypatch, "-m", *common, "hydra.sweeper.sampler.seed=1", f"hydra.sweep.dir={tmp_path / 'second'}")
+    trials = optuna.load_study(study_name="wgsef_lambda", storage=storage).trials
+    assert [t.number for t in trials] == [0, 1] and [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert trials[0].params == first[0].params and trials[1].params != trials[0].params
+    for sweep, trial in (("first", trials[0]), ("second", trials[1])):
+        assert float(regularizer(tmp_path / sweep / "0")[0]) == trial.params["regularizer.lam"]
+    result = yaml.safe_load((tmp_path / "second" / "optimization_results.yaml").read_text())
+    assert result["best_value"] == max(t.value for t in trials)  # the best over both invocations
