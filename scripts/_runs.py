@@ -32,6 +32,10 @@ METRICS = {
     "speedup_cpu_b64": "speedup_cpu_b64",
     "speedup_cuda_b1": "speedup_cuda_b1",
     "speedup_cuda_b64": "speedup_cuda_b64",
+    "speedup_ort_cpu_b1": "speedup_ort_cpu_b1",  # the same models exported to ONNX, in onnxruntime (CPU)
+    "speedup_ort_cpu_b64": "speedup_ort_cpu_b64",
+    "latency_ms_cpu_b64": "latency_ms_cpu_b64_compact",  # the final (compacted) model's own latency
+    "latency_ms_ort_cpu_b64": "latency_ms_ort_cpu_b64_compact",
 }
 KEYS = ["dataset", "model", "method", "setting"]
 # Config entries that never define a different experiment: they are not part of a run's `setting`.
@@ -57,9 +61,20 @@ def _number(x) -> float:
         return math.nan
 
 
-def make_record(run: str, config: dict, summary: dict | None, incomplete_reason: str = "") -> dict:
+def _onnx_notes(get) -> str:
+    """What a reader of the table must know about the ONNX model: why it was not exported or timed, or
+    that onnxruntime runs its N:M / unstructured zeros dense."""
+    status, timing = get("onnx"), get("onnxruntime_latency")
+    notes = [status if status and status != "exported" else "",
+             f"onnxruntime latency {timing}" if timing and timing != "done" else "", get("onnx_note") or ""]
+    return "; ".join(n for n in notes if n)
+
+
+def make_record(run: str, config: dict, summary: dict | None, incomplete_reason: str = "",
+                method: str = "") -> dict:
     """One run as a flat record. `summary` is summary.json's content (or a wandb run's flat summary);
-    None means the run never finished writing one."""
+    None means the run never finished writing one. `method` names the method when the summary does not
+    (a member that failed before training)."""
     summary = summary or {}
     final, cfg = summary.get("final") or {}, flatten(config)
 
@@ -73,10 +88,11 @@ def make_record(run: str, config: dict, summary: dict | None, incomplete_reason:
         "run": run, "status": status, "error": error or "",
         "dataset": summary.get("dataset") or cfg.get("dataset.name") or "?",
         "model": summary.get("model") or cfg.get("model.name") or "?",
-        "method": summary.get("method") or cfg.get("method") or "?",
+        "method": summary.get("method") or method or cfg.get("method") or "?",
         "seed": summary.get("seed", cfg.get("seed")),
         **{col: _number(get(key)) for col, key in METRICS.items()},
         "flops_only": ", ".join(get("flops_only") or []),
+        "onnx": _onnx_notes(get),
         "config": cfg,
     }
     if best is None:  # older summaries: only best_val {epoch, val_acc, test_acc}
@@ -105,10 +121,38 @@ def load_metrics(run_dir) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() and path.stat().st_size else None
 
 
+def _resolved(config: dict) -> dict:
+    """Hydra's unresolved .hydra/config.yaml resolved as the run resolved it into config.yaml (a member that
+    failed before writing config.yaml must get the same `setting` as its siblings); as written if it
+    cannot be resolved outside the run."""
+    from omegaconf import OmegaConf
+    from wgsef.run import register_resolvers
+
+    register_resolvers()
+    try:
+        return OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    except Exception:  # an interpolation only the run itself could resolve
+        return config
+
+
+def _method_from_hydra(run_dir: Path, config: dict) -> str:
+    """The method label a run would have written, from its config's `label` or .hydra/hydra.yaml choices."""
+    path = run_dir / ".hydra" / "hydra.yaml"
+    if config.get("label") or not path.exists():
+        return config.get("label") or ""
+    from wgsef.run import method_label
+
+    choices = ((yaml.safe_load(path.read_text()) or {}).get("hydra") or {}).get("runtime", {}).get("choices", {})
+    return method_label(choices) if choices.get("regularizer") else ""
+
+
 def load_run(run_dir) -> dict:
     run_dir = Path(run_dir)
-    config_path = next((p for p in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml") if p.exists()), None)
-    config = yaml.safe_load(config_path.read_text()) if config_path else {}
+    config = {}
+    if (run_dir / "config.yaml").exists():
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    elif (run_dir / ".hydra" / "config.yaml").exists():
+        config = _resolved(yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {})
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     reason = ""
@@ -116,7 +160,8 @@ def load_run(run_dir) -> dict:
         metrics = load_metrics(run_dir)
         done = 0 if metrics is None else len(metrics)
         reason = f"no summary.json: killed or still running (metrics.csv has {done} epochs)"
-    return make_record(str(run_dir), config, summary, reason)
+    method = "" if summary and summary.get("method") else _method_from_hydra(run_dir, config)
+    return make_record(str(run_dir), config, summary, reason, method)
 
 
 def add_settings(records: pd.DataFrame) -> pd.DataFrame:
@@ -152,15 +197,16 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model, method, setting) over the completed runs: n_runs, n_seeds (distinct
     seeds), mean and sample std (ddof=1; NaN for one run) of every metric, and the flops_only structures."""
     done = records[records["status"] == "completed"]
-    columns = [*KEYS, "n_runs", "n_seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), "flops_only"]
+    notes = ["flops_only", "onnx"]
+    columns = [*KEYS, "n_runs", "n_seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), *notes]
     if done.empty:
         return pd.DataFrame(columns=columns)
     groups = done.groupby(KEYS, sort=True)
     table = groups.agg(n_runs=("run", "size"), n_seeds=("seed", "nunique"))
     stats = groups[list(METRICS)].agg(["mean", "std"])
     stats.columns = [f"{m}_{s}" for m, s in stats.columns]
-    only = groups["flops_only"].agg(lambda s: ", ".join(sorted({x for v in s for x in v.split(", ") if x})))
-    return table.join(stats).join(only).reset_index()[columns]
+    distinct = groups[notes].agg(lambda s: ", ".join(sorted({x for v in s for x in v.split(", ") if x})))
+    return table.join(stats).join(distinct).reset_index()[columns]
 
 
 def problems(records: pd.DataFrame) -> pd.DataFrame:
@@ -195,9 +241,13 @@ MD_COLUMNS = {  # metric -> (header, format of a value); shown as mean ± std ov
         ("params_reduction", "params reduction"), ("flops_reduction", "FLOPs reduction"),
         ("flops_sparse_reduction", "FLOPs reduction, zero-skipping kernels"),
         ("speedup_cpu_b1", "CPU speedup b1"), ("speedup_cpu_b64", "CPU speedup b64"),
-        ("speedup_cuda_b1", "GPU speedup b1"), ("speedup_cuda_b64", "GPU speedup b64")]},
+        ("speedup_cuda_b1", "GPU speedup b1"), ("speedup_cuda_b64", "GPU speedup b64"),
+        ("speedup_ort_cpu_b1", "ONNX Runtime CPU speedup b1"), ("speedup_ort_cpu_b64", "ONNX Runtime CPU speedup b64")]},
+    "latency_ms_cpu_b64": ("CPU latency b64 (ms)", lambda x: f"{x:.2f}"),
+    "latency_ms_ort_cpu_b64": ("ONNX Runtime CPU latency b64 (ms)", lambda x: f"{x:.2f}"),
 }
-ONLY_WHEN_PRESENT = ("speedup_cuda_b1", "speedup_cuda_b64")
+ONLY_WHEN_PRESENT = ("speedup_cuda_b1", "speedup_cuda_b64", "speedup_ort_cpu_b1", "speedup_ort_cpu_b64",
+                     "latency_ms_cpu_b64", "latency_ms_ort_cpu_b64")
 
 
 def _mean_std(row, metric: str, fmt) -> str:
@@ -227,6 +277,12 @@ def markdown(table: pd.DataFrame, bad: pd.DataFrame, command: str) -> str:
     for _, row in dup.iterrows():
         lines += ["", f"Note: {row['method']} {row['setting']} has {row['n_runs']} runs but only "
                       f"{row['n_seeds']} distinct seeds."]
+    onnx = table[table["onnx"].astype(bool)]
+    if not onnx.empty:
+        lines += ["", "ONNX export and onnxruntime latency:", ""]
+        lines += [f"- {_cell(r.method)} {_cell(r.setting) or '-'}: {_cell(r.onnx)}" for r in onnx.itertuples()]
+    if table.empty:
+        lines += ["", "No run completed: the table is empty."]
     lines += ["", f"## Runs not in the table ({len(bad)})", ""]
     lines += [f"- `{r.run}` ({r.method} {r.setting} seed {r.seed}): **{r.status}**: "
               f"{_cell(r.error) or 'no error recorded'}"

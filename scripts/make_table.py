@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     for path in write_table(records, Path(args.out) / args.name, command):
         print(f"wrote {path}")
     bad = (records["status"] != "completed").sum()
-    print(f"{len(records)} runs, {bad} not completed (listed in the .md)")
+    print(f"{len(records)} runs, {bad} not completed (listed in the .md)"
+          + ("; no run completed: the table is empty" if bad == len(records) else ""))
 
 
 if __name__ == "__main__":

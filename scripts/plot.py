@@ -2,12 +2,19 @@
 
     python scripts/plot.py runs/multirun/table1 --out results/figures [--name table1_]
 
-(a) acc_vs_sparsity: final test accuracy vs group sparsity, one curve per method over its sweep
-(b) sparsity_over_epochs: group sparsity, nonzero groups and k per epoch (metrics.csv)
-(c) speedup_vs_flops: measured latency speedup vs FLOPs reduction, with y = x
-(d) widths_<run>: per-layer widths before / after compaction (compact.json), one per setting
-A figure whose data no run has is skipped with a printed note. The functions return matplotlib Figures
-(no pyplot state), so the notebook shows the same figures.
+(a) acc_vs_sparsity: final test accuracy vs group sparsity, one curve per method over its sweep, the dense
+    runs as a reference line
+(b) acc_vs_flops: final test accuracy vs FLOPs reduction (log x), error bars over seeds on both axes
+(c) sparsity_over_epochs: per epoch, group sparsity, nonzero groups / k and the lambda in effect
+    (metrics.csv columns group_sparsity, nonzero_groups, k_groups, lam_eff)
+(d) lambda_k: accuracy and the group sparsity the prox alone reached (prox_zeroed_groups) vs lambda at fixed
+    k, one panel pair per (dataset, model, method) with a lambda sweep
+(e) speedup_vs_flops: measured latency speedup vs FLOPs reduction, log-log with y = x; one panel per
+    runtime (PyTorch CPU/GPU, ONNX Runtime CPU) and batch size
+(f) widths_<run>: per-layer widths before / after compaction (compact.json), one per setting
+Every figure gives a method one colour and each of its settings one marker and line style. A figure whose
+data no run has is skipped with a printed note (older runs lack the newer metrics columns). The functions
+return matplotlib Figures (no pyplot state), so the notebook shows the same figures.
 """
 from __future__ import annotations
 
@@ -16,96 +23,260 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from _runs import KEYS, aggregate, load_metrics, parse_runs
 
-SPEEDUPS = {"speedup_cpu_b1": "CPU, batch 1", "speedup_cpu_b64": "CPU, batch 64",
-            "speedup_cuda_b1": "GPU, batch 1", "speedup_cuda_b64": "GPU, batch 64"}
+SPEEDUPS = {"speedup_cpu_b1": "PyTorch CPU, batch 1", "speedup_cpu_b64": "PyTorch CPU, batch 64",
+            "speedup_ort_cpu_b1": "ONNX Runtime CPU, batch 1", "speedup_ort_cpu_b64": "ONNX Runtime CPU, batch 64",
+            "speedup_cuda_b1": "PyTorch GPU, batch 1", "speedup_cuda_b64": "PyTorch GPU, batch 64"}
+DENSE = ("dense", "none")  # the dense reference's method name (`none` in runs from before the rename)
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1))]
+
+
+class Styles:
+    """One colour per method and one marker / line style per setting of that method, fixed from the whole
+    run set so that every figure of a set uses the same styles."""
+
+    def __init__(self, records: pd.DataFrame):
+        methods = sorted(records["method"].astype(str).unique())
+        self.colors = {m: f"C{i}" if len(methods) <= 10 else _tab20(i) for i, m in enumerate(methods)}
+        self.index = {}
+        for method, rows in records.groupby("method"):
+            for i, setting in enumerate(sorted(rows["setting"].astype(str).unique())):
+                self.index[method, setting] = i
+
+    def __call__(self, method: str, setting: str = "") -> dict:
+        i = self.index.get((method, str(setting)), 0)
+        return {"color": self.colors.get(method, "k"), "marker": MARKERS[i % len(MARKERS)],
+                "linestyle": LINESTYLES[i % len(LINESTYLES)]}
+
+    def line(self, method: str, setting: str = "") -> dict:
+        style = self(method, setting)
+        return {"color": style["color"], "linestyle": style["linestyle"]}
+
+
+def _tab20(i: int):
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](i % 20)
 
 
 def _label(row) -> str:
     return " ".join(str(x) for x in (row["method"], row["setting"]) if x)
 
 
-def _panels(n: int, title: str, width: float = 5.0) -> tuple[Figure, list]:
-    fig = Figure(figsize=(width * n, 4.0), layout="constrained")
+def _panels(n: int, title: str, width: float = 5.0, rows: int = 1) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width * n, 4.0 * rows), layout="constrained")
     fig.suptitle(title)
-    return fig, list(fig.subplots(1, n, squeeze=False)[0])
+    return fig, list(fig.subplots(rows, n, squeeze=False).flat)
 
 
-def acc_vs_sparsity(table: pd.DataFrame) -> Figure | None:
-    """(a) from `aggregate`'s table: one panel per (dataset, model); method 'none' as a dense reference line."""
+def _log(ax, which: str) -> None:
+    """Log-scale ax's `which` ("x" or "y") axis, labelled 1, 2, 5, 10, 20, ... in plain numbers."""
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _dense_line(ax, rows: pd.DataFrame) -> None:
+    """The dense runs' accuracy (mean over seeds) as a horizontal reference line."""
+    dense = rows[rows["method"].isin(DENSE) & rows["final_test_acc_mean"].notna()]
+    if not dense.empty:
+        ax.axhline(100 * dense["final_test_acc_mean"].max(), color="gray", ls="--", label="dense")
+
+
+def acc_vs_sparsity(table: pd.DataFrame, styles: Styles | None = None) -> Figure | None:
+    """(a) from `aggregate`'s table: one panel per (dataset, model), one curve per method (a marker per
+    setting), the dense method as a reference line."""
+    styles = styles or Styles(table)
     table = table[table["final_test_acc_mean"].notna()]
-    sparse = table[table["group_sparsity_mean"].notna()]
+    sparse = table[table["group_sparsity_mean"].notna() & ~table["method"].isin(DENSE)]
     if sparse.empty:
         return None
     pairs = sorted(sparse.groupby(["dataset", "model"]).groups)
     fig, axes = _panels(len(pairs), "Accuracy vs group sparsity over a sweep")
     for ax, (dataset, model) in zip(axes, pairs):
         here = table[(table["dataset"] == dataset) & (table["model"] == model)]
-        for method, rows in here.groupby("method"):
+        for method, rows in here[here["group_sparsity_mean"].notna() & ~here["method"].isin(DENSE)].groupby("method"):
             rows = rows.sort_values("group_sparsity_mean")
-            if rows["group_sparsity_mean"].notna().any():
-                ax.errorbar(100 * rows["group_sparsity_mean"], 100 * rows["final_test_acc_mean"],
-                            yerr=100 * rows["final_test_acc_std"].fillna(0), marker="o", capsize=3, label=method)
-            elif method == "none":
-                ax.axhline(100 * rows["final_test_acc_mean"].max(), color="gray", ls="--", label="dense (none)")
+            style = styles(method)
+            ax.errorbar(100 * rows["group_sparsity_mean"], 100 * rows["final_test_acc_mean"],
+                        yerr=100 * rows["final_test_acc_std"].fillna(0), color=style["color"], capsize=3, label=method)
+            for _, row in rows.iterrows():
+                ax.plot(100 * row["group_sparsity_mean"], 100 * row["final_test_acc_mean"],
+                        **{**styles(method, row["setting"]), "linestyle": "none"})
+        _dense_line(ax, here)
         ax.set(title=f"{dataset} / {model}", xlabel="group sparsity (% groups zero)",
                ylabel="final test accuracy (%), mean ± std")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     return fig
 
 
-def sparsity_over_epochs(records: pd.DataFrame) -> Figure | None:
-    """(b) group sparsity (left) and nonzero groups with the target k dashed (right) per epoch, per run."""
-    curves = [(row, m) for _, row in records.iterrows()
-              if (m := load_metrics(row["run"])) is not None and "group_sparsity" in m]
+def acc_vs_flops(table: pd.DataFrame, styles: Styles | None = None) -> Figure | None:
+    """(b) from `aggregate`'s table: accuracy vs FLOPs reduction (log x), mean ± std over seeds on both axes,
+    one colour per method, one marker per setting, dense as a reference line."""
+    styles = styles or Styles(table)
+    table = table[table["final_test_acc_mean"].notna()]
+    points = table[table["flops_reduction_mean"].notna() & ~table["method"].isin(DENSE)]
+    if points.empty:
+        return None
+    pairs = sorted(points.groupby(["dataset", "model"]).groups)
+    fig, axes = _panels(len(pairs), "Accuracy vs FLOPs reduction (error bars: std over seeds)")
+    for ax, (dataset, model) in zip(axes, pairs):
+        here = points[(points["dataset"] == dataset) & (points["model"] == model)]
+        for method, rows in here.groupby("method"):
+            rows = rows.sort_values("flops_reduction_mean")
+            ax.plot(rows["flops_reduction_mean"], 100 * rows["final_test_acc_mean"], color=styles(method)["color"],
+                    alpha=0.5, label=method)
+            for _, row in rows.iterrows():
+                style = styles(method, row["setting"])
+                ax.errorbar(row["flops_reduction_mean"], 100 * row["final_test_acc_mean"],
+                            xerr=np.nan_to_num(row["flops_reduction_std"]),
+                            yerr=100 * np.nan_to_num(row["final_test_acc_std"]),
+                            color=style["color"], marker=style["marker"], capsize=3, ls="none")
+        _dense_line(ax, table[(table["dataset"] == dataset) & (table["model"] == model)])
+        _log(ax, "x")
+        ax.set(title=f"{dataset} / {model}", xlabel="FLOPs reduction (dense / compact, log scale)",
+               ylabel="final test accuracy (%), mean ± std")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _curves(records: pd.DataFrame, column: str) -> list[tuple[pd.Series, pd.DataFrame]]:
+    """(record, metrics.csv) of every run whose metrics.csv has `column`."""
+    return [(row, m) for _, row in records.iterrows()
+            if (m := load_metrics(row["run"])) is not None and column in m]
+
+
+def sparsity_over_epochs(records: pd.DataFrame, styles: Styles | None = None) -> Figure | None:
+    """(c) per epoch and run: group sparsity; nonzero groups / k (1 = exactly k groups left); lambda in
+    effect (log). The last two panels only when some run logged their columns."""
+    styles = styles or Styles(records)
+    curves = _curves(records, "group_sparsity")
     if not curves:
         return None
-    fig, (left, right) = _panels(2, "Sparsity during training", width=5.0)
-    for i, (row, m) in enumerate(curves):
-        color = f"C{i % 10}"
-        left.plot(m["epoch"], 100 * m["group_sparsity"], color=color, label=f"{_label(row)} seed {row['seed']}")
-        if "nonzero_groups" in m:
-            right.plot(m["epoch"], m["nonzero_groups"], color=color)
-        if "k" in m:
-            right.plot(m["epoch"], m["k"], color=color, ls="--")
+    k_col = lambda m: "k_groups" if "k_groups" in m else "k"  # noqa: E731  (older runs: "k")
+    has_k = [(r, m) for r, m in curves if "nonzero_groups" in m and k_col(m) in m]
+    has_lam = [(r, m) for r, m in curves if "lam_eff" in m]
+    fig, axes = _panels(1 + bool(has_k) + bool(has_lam), "Sparsity during training (colour: method, line style: "
+                        "setting)", width=4.5)
+    left, rest = axes[0], iter(axes[1:])
+    labelled = set()
+    for row, m in curves:  # seeds of one setting share its style and its legend entry
+        label = _label(row)
+        left.plot(m["epoch"], 100 * m["group_sparsity"], label=None if label in labelled else label,
+                  **styles.line(row["method"], row["setting"]))
+        labelled.add(label)
     left.set(title="group sparsity", xlabel="epoch", ylabel="groups zero (%)")
-    right.set(title="nonzero groups vs target k", xlabel="epoch", ylabel="groups")
-    right.legend([Line2D([], [], color="k"), Line2D([], [], color="k", ls="--")], ["nonzero groups", "k"])
-    for ax in (left, right):
+    if has_k:
+        ax = next(rest)
+        for row, m in has_k:
+            ax.plot(m["epoch"], m["nonzero_groups"] / m[k_col(m)], **styles.line(row["method"], row["setting"]))
+        ax.axhline(1.0, color="gray", lw=0.8)
+        _log(ax, "y")
+        ax.set(title="nonzero groups / k (1: exactly k)", xlabel="epoch", ylabel="nonzero groups / k")
+    if has_lam:
+        ax = next(rest)
+        for row, m in has_lam:
+            lam = m["lam_eff"].where(m["lam_eff"] > 0)  # 0 once the prox is off: not drawn on a log axis
+            ax.plot(m["epoch"], lam, **styles.line(row["method"], row["setting"]))
+        ax.set_yscale("log")
+        ax.set(title="lambda in effect", xlabel="epoch", ylabel="lambda")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.legend(*left.get_legend_handles_labels(), loc="outside right upper", fontsize="small")
     return fig
 
 
-def speedup_vs_flops(records: pd.DataFrame) -> Figure | None:
-    """(c) one panel per measured device / batch size, one point per completed run."""
+def _n_groups(m: pd.DataFrame) -> float:
+    """Number of groups of a run, from a metrics row with group sparsity < 1: nonzero / (1 - sparsity)."""
+    rows = m[m["group_sparsity"] < 1]
+    return float(np.round(rows["nonzero_groups"].iloc[0] / (1 - rows["group_sparsity"].iloc[0]))) if len(rows) else np.nan
+
+
+def lambda_k(records: pd.DataFrame) -> Figure | None:
+    """(d) the lambda-k characterisation: for each (dataset, model, method) swept over lambda at some fixed
+    k, final test accuracy and the group sparsity the prox reached by itself (prox_zeroed_groups / groups,
+    the sparsity before any hard finish) vs lambda, mean ± std over seeds; dotted: the sparsity k asks for."""
+    done = records[records["status"] == "completed"]
+    rows = []
+    for row, m in _curves(done, "prox_zeroed_groups"):
+        lam, k = row["config"].get("regularizer.lam"), row["config"].get("regularizer.k")
+        n = _n_groups(m) if {"nonzero_groups", "group_sparsity"} <= set(m) else np.nan
+        try:
+            lam = float(lam)
+        except (TypeError, ValueError):
+            continue
+        if lam > 0 and k is not None and n > 0:
+            target = 1 - m["k_groups"].iloc[-1] / n if "k_groups" in m else np.nan
+            rows.append({**{c: row[c] for c in ("dataset", "model", "method")}, "lam": lam, "k": str(k),
+                         "acc": 100 * row["final_test_acc"], "prox": 100 * m["prox_zeroed_groups"].max() / n,
+                         "target": 100 * target})
+    data = pd.DataFrame(rows)
+    if data.empty:
+        return None
+    swept = data.groupby(["dataset", "model", "method", "k"])["lam"].nunique()
+    keys = sorted({key[:3] for key, n in swept.items() if n > 1})
+    if not keys:
+        return None
+    fig, axes = _panels(2, "Accuracy and prox-made sparsity vs lambda at fixed k", width=5.0, rows=len(keys))
+    for (dataset, model, method), (acc_ax, sp_ax) in zip(keys, zip(axes[::2], axes[1::2])):
+        here = data[(data["dataset"] == dataset) & (data["model"] == model) & (data["method"] == method)]
+        for i, (k, rows_k) in enumerate(here.groupby("k")):
+            stats = rows_k.groupby("lam")[["acc", "prox", "target"]].agg(["mean", "std"]).sort_index()
+            style = {"color": f"C{i % 10}", "marker": MARKERS[i % len(MARKERS)], "capsize": 3}
+            acc_ax.errorbar(stats.index, stats["acc", "mean"], yerr=stats["acc", "std"].fillna(0), label=f"k={k}", **style)
+            sp_ax.errorbar(stats.index, stats["prox", "mean"], yerr=stats["prox", "std"].fillna(0), label=f"k={k}", **style)
+            if stats["target", "mean"].notna().any():
+                sp_ax.axhline(stats["target", "mean"].mean(), color=style["color"], ls=":", lw=1)
+        acc_ax.set(title=f"{dataset} / {model} / {method}", xlabel="lambda", ylabel="final test accuracy (%)")
+        sp_ax.set(title="zeroed by the prox alone (dotted: 1 - k)", xlabel="lambda", ylabel="groups zero (%)",
+                  ylim=(-2, 102))
+        for ax in (acc_ax, sp_ax):
+            _log(ax, "x")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize="small")
+    return fig
+
+
+def speedup_vs_flops(records: pd.DataFrame, styles: Styles | None = None) -> Figure | None:
+    """(e) one panel per runtime and batch size, one point per completed run, log-log with y = x."""
+    styles = styles or Styles(records)
     done = records[(records["status"] == "completed") & records["flops_reduction"].notna()]
-    measured = [c for c in SPEEDUPS if done[c].notna().any()]
+    measured = [c for c in SPEEDUPS if c in done and done[c].notna().any()]
     if not measured:
         return None
     fig, axes = _panels(len(measured), "Measured speedup vs FLOPs reduction (compacted vs dense model)", width=4.5)
     for ax, col in zip(axes, measured):
-        for i, (method, rows) in enumerate(done.groupby("method")):
-            ax.scatter(rows["flops_reduction"], rows[col], color=f"C{i % 10}", label=method)
-        top = max(done["flops_reduction"].max(), done[col].max()) * 1.05
-        ax.plot([1, top], [1, top], color="gray", ls="--", label="y = x")
+        here = done[done[col].notna()]
+        for (method, setting), rows in here.groupby(["method", "setting"]):
+            style = styles(method, setting)
+            ax.scatter(rows["flops_reduction"], rows[col], color=style["color"], marker=style["marker"],
+                       label=f"{method} {setting}".strip())
+        values = pd.concat([here["flops_reduction"], here[col]])
+        low, high = values.min() / 1.2, values.max() * 1.2
+        ax.plot([low, high], [low, high], color="gray", ls="--", label="y = x")
+        _log(ax, "x")
+        _log(ax, "y")
         ax.set(title=SPEEDUPS[col], xlabel="FLOPs reduction (dense / compact)",
                ylabel="latency speedup (dense / compact)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3, which="both")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
     return fig
 
 
 def layer_widths(run_dir, title: str = "") -> Figure | None:
-    """(d) bar chart of compact.json's {layer: [width_before, width_after]}."""
+    """(f) bar chart of compact.json's {layer: [width_before, width_after]}."""
     path = Path(run_dir) / "compact.json"
     if not path.exists():
         return None
@@ -133,12 +304,15 @@ def save(fig: Figure, out: Path, name: str, command: str = "") -> list[Path]:
 
 
 def figures(records: pd.DataFrame) -> dict[str, Figure | None]:
-    """Every figure by file name (None when its data is absent); (d) for the first run of each setting
-    that has compact.json."""
+    """Every figure by file name (None when its data is absent); (f) for the first run of each setting
+    that has compact.json. An empty dict when no run completed."""
     done = records[records["status"] == "completed"]
-    out = {"acc_vs_sparsity": acc_vs_sparsity(aggregate(records)),
-           "sparsity_over_epochs": sparsity_over_epochs(records),
-           "speedup_vs_flops": speedup_vs_flops(records)}
+    if done.empty:
+        return {}
+    styles, table = Styles(records), aggregate(records)
+    out = {"acc_vs_sparsity": acc_vs_sparsity(table, styles), "acc_vs_flops": acc_vs_flops(table, styles),
+           "sparsity_over_epochs": sparsity_over_epochs(records, styles), "lambda_k": lambda_k(records),
+           "speedup_vs_flops": speedup_vs_flops(records, styles)}
     compacted = done[[(Path(r) / "compact.json").exists() for r in done["run"]]]
     for _, row in compacted.groupby(KEYS).head(1).iterrows():
         title = f"{row['dataset']} / {row['model']} / {_label(row)} (seed {row['seed']})"
@@ -154,7 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="results/figures", help="output folder (default: results/figures)")
     parser.add_argument("--name", default="", help="prefix of the file names")
     args, records, command = parse_runs(parser, "scripts/plot.py", argv)
-    for name, fig in figures(records).items():
+    drawn = figures(records)
+    if not drawn:
+        counts = records["status"].value_counts().to_dict()
+        print(f"no completed run among {len(records)} ({', '.join(f'{n} {s}' for s, n in counts.items())}): "
+              "no figure drawn")
+    for name, fig in drawn.items():
         if fig is None:
             print(f"skipped {name}: no run has the data it needs")
             continue

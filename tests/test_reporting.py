@@ -39,11 +39,17 @@ def config(method, lam, seed, epochs=3):
             "regularizer": {"_target_": "wgsef.penalties.x.X", "lam": lam, "k": 0.5, "layers": None, "block": [2, 2]}}
 
 
-def metrics_rows(epochs, sparsity, final_acc):
-    return [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "val_loss": 1 / e, "val_acc": 0.5 + e / 100,
+def metrics_rows(epochs, sparsity, final_acc, lam=None):
+    """Per-epoch rows of a run with 20 groups; with `lam`, also the WGSEF columns (k_groups, lam_eff,
+    prox_zeroed_groups: the prox zeroes 2 groups per epoch)."""
+    rows = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "val_loss": 1 / e, "val_acc": 0.5 + e / 100,
              "test_acc": final_acc if e == epochs else 0.5, "lr": 0.05, "weight_sparsity": sparsity * e / epochs / 2,
-             "time": 0.1, "group_sparsity": sparsity * e / epochs, "nonzero_groups": 10 - e, "k": 5,
-             "penalty": 0.1} for e in range(1, epochs + 1)]
+             "time": 0.1, "group_sparsity": sparsity * e / epochs, "nonzero_groups": 20 * (1 - sparsity * e / epochs),
+             "k": 5, "penalty": 0.1} for e in range(1, epochs + 1)]
+    if lam is not None:
+        for r in rows:
+            r.update(k_groups=10, lam_eff=lam * r["epoch"], prox_zeroed_groups=2 * r["epoch"])
+    return rows
 
 
 def write_run(d: Path, cfg: dict | None, rows: list[dict] | None, summary: dict | None, hydra_only=False):
@@ -71,9 +77,13 @@ def runs(tmp_path_factory) -> Path:
     sweep = root / "multirun" / "digits-lenet5" / "2024-01-01_00-00-00"
     for n, ((method, lam, seed), (best, final, sp)) in enumerate(COMPLETED.items()):
         extra = {"params_reduction": 1 / (1 - sp), "flops_reduction": 1 + 2 * sp, "speedup_cpu_b1": 1 + sp,
-                 "speedup_cpu_b64": 1 + 1.5 * sp, "flops_only": ["shape"] if method == "group_lasso" else []}
+                 "speedup_cpu_b64": 1 + 1.5 * sp, "flops_only": ["shape"] if method == "group_lasso" else [],
+                 "speedup_ort_cpu_b1": 1 + 0.5 * sp, "speedup_ort_cpu_b64": 1 + sp, "onnx": "exported",
+                 "latency_ms_cpu_b64_compact": 10 - sp, "latency_ms_ort_cpu_b64_compact": 5 - sp,
+                 **({"onnx_note": "ONNX Runtime runs N:M and unstructured zeros dense (7 zero weights computed)"}
+                    if method == "group_lasso" else {})}
         d = sweep / str(n)
-        write_run(d, config(method, lam, seed), metrics_rows(3, sp, final),
+        write_run(d, config(method, lam, seed), metrics_rows(3, sp, final, lam if method == "wgsef" else None),
                   summary(method, seed, best, final, sp, **extra))
         (d / "wandb" / "run-1" / "files").mkdir(parents=True)  # must not be taken for a run directory
         (d / "wandb" / "run-1" / "files" / "config.yaml").write_text("a: 1\n")
@@ -85,10 +95,10 @@ def runs(tmp_path_factory) -> Path:
     write_run(sweep / "91", config("wgsef", 1e-3, 4), None,
               {"status": "failed", "error": "CUDA out of memory", "traceback": "..."}, hydra_only=True)
     write_run(sweep / "92", config("wgsef", 1e-3, 5), metrics_rows(3, 0.2, 0.5)[:2], None)  # killed
-    dense = summary("none", 0, 0.96, 0.95, 0.0)  # no method metrics, none of the newer keys
+    dense = summary("dense", 0, 0.96, 0.95, 0.0)  # no method metrics, none of the newer keys
     rows = [{k: v for k, v in r.items() if k not in ("group_sparsity", "nonzero_groups", "k", "penalty")}
             for r in metrics_rows(3, 0.0, 0.95)]
-    write_run(root / "dense" / "2024-01-02_00-00-00", config("none", None, 0), rows, {**dense, "final": rows[-1]})
+    write_run(root / "dense" / "2024-01-02_00-00-00", config("dense", None, 0), rows, {**dense, "final": rows[-1]})
     return root
 
 
@@ -117,7 +127,7 @@ def table(runs, tmp_path_factory):
 
 def test_table_mean_std_over_seeds(table):
     df = pd.read_csv(table / "t1.csv", comment="#")
-    assert len(df) == 4  # wgsef x 2 lambdas, group_lasso, none
+    assert len(df) == 4  # wgsef x 2 lambdas, group_lasso, dense
     for (method, lam) in [("wgsef", 1e-3), ("wgsef", 1e-2), ("group_lasso", 1e-3)]:
         vals = [v for (m, l, _), v in COMPLETED.items() if (m, l) == (method, lam)]
         setting = f"lam={lam}" if method == "wgsef" else ""
@@ -131,7 +141,7 @@ def test_table_mean_std_over_seeds(table):
         assert row["flops_reduction_mean"] == pytest.approx(statistics.mean(1 + 2 * s for s in sp))
         assert row["params_reduction_mean"] == pytest.approx(statistics.mean(1 / (1 - s) for s in sp))
         assert row["speedup_cpu_b64_mean"] == pytest.approx(statistics.mean(1 + 1.5 * s for s in sp))
-    dense = df[df["method"] == "none"].iloc[0]
+    dense = df[df["method"] == "dense"].iloc[0]
     assert dense["n_seeds"] == 1 and dense["test_acc_mean"] == pytest.approx(0.96)
     assert math.isnan(dense["test_acc_std"]) and math.isnan(dense["flops_reduction_mean"])
     assert math.isnan(dense["speedup_cuda_b1_mean"])
@@ -149,6 +159,8 @@ def test_table_header_and_failures_listed(table, runs):
     assert "| 92.00 ± 2.00 |" in md and "| 2.00 ± 0.20 |" in md
     assert "| 96.00 |" in md  # one seed: no ± std
     assert "GPU speedup" not in md  # no run measured on a GPU
+    assert "| ONNX Runtime CPU speedup b64 (×) |" in md and "| ONNX Runtime CPU latency b64 (ms) |" in md
+    assert "- group_lasso -: ONNX Runtime runs N:M and unstructured zeros dense (7 zero weights computed)" in md
     bad = md.split("## Runs not in the table (3)")[1]
     assert "**diverged**: the training loss became nan at epoch 2, step 5" in bad
     assert "**failed**: CUDA out of memory" in bad
@@ -174,22 +186,37 @@ def test_csv_quotes_cells_with_hash(tmp_path):
     assert df["flops_only"].iloc[0] == "a#b" and df["test_acc_mean"].iloc[0] == pytest.approx(0.9)
 
 
+FIGURES = ["acc_vs_sparsity", "acc_vs_flops", "sparsity_over_epochs", "lambda_k", "speedup_vs_flops"]
+
+
 def test_plot_writes_every_figure(runs, tmp_path, capsys):
     plot.main([str(runs), "--out", str(tmp_path), "--name", "p_"])
     names = {p.name for p in tmp_path.iterdir()}
-    for stem in ["acc_vs_sparsity", "sparsity_over_epochs", "speedup_vs_flops",
-                 "widths_digits_lenet5_wgsef_lam=0.001", "widths_digits_lenet5_wgsef_lam=0.01"]:
+    for stem in [*FIGURES, "widths_digits_lenet5_wgsef_lam=0.001", "widths_digits_lenet5_wgsef_lam=0.01"]:
         for ext in ("png", "pdf"):
             assert f"p_{stem}.{ext}" in names and (tmp_path / f"p_{stem}.{ext}").stat().st_size > 1000
-    assert len(names) == 10 and "skipped" not in capsys.readouterr().out
+    assert len(names) == 14 and "skipped" not in capsys.readouterr().out
 
 
 def test_plot_skips_absent_data(runs, tmp_path, capsys):
     plot.main([str(runs / "dense"), "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    for name in ["acc_vs_sparsity", "sparsity_over_epochs", "speedup_vs_flops", "widths"]:
+    for name in [*FIGURES, "widths"]:
         assert f"skipped {name}" in out
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_plot_and_table_on_runs_without_a_completed_one(runs, tmp_path, capsys):
+    """Only the failed, diverged and killed members: one line each, no traceback, no figure."""
+    sweep = runs / "multirun" / "digits-lenet5" / "2024-01-01_00-00-00"
+    paths = [str(sweep / n) for n in ("90", "91", "92")]
+    plot.main([*paths, "--out", str(tmp_path / "fig")])
+    out = capsys.readouterr().out
+    assert out == "no completed run among 3 (1 diverged, 1 failed, 1 incomplete): no figure drawn\n"
+    assert not (tmp_path / "fig").exists()
+    make_table.main([*paths, "--name", "t", "--out", str(tmp_path)])
+    assert "3 runs, 3 not completed (listed in the .md); no run completed: the table is empty" in capsys.readouterr().out
+    assert "No run completed: the table is empty." in (tmp_path / "t.md").read_text()
 
 
 def test_plot_contents(runs):
@@ -199,12 +226,80 @@ def test_plot_contents(runs):
     x, y = curves["wgsef"].get_data()  # sorted by sparsity: lam=1e-3 (mean 50%) then lam=1e-2 (mean 75%)
     assert list(x) == pytest.approx([50, 75]) and list(y) == pytest.approx([100 * (0.89 + 0.90 + 0.93) / 3, 81])
     assert set(curves) == {"wgsef", "group_lasso"}
-    dense = [line for line in ax.get_lines() if line.get_label() == "dense (none)"]
+    dense = [line for line in ax.get_lines() if line.get_label() == "dense"]
     assert dense[0].get_ydata()[0] == pytest.approx(95)
     fig = plot.speedup_vs_flops(records)
-    assert [a.get_title() for a in fig.axes] == ["CPU, batch 1", "CPU, batch 64"]
+    assert [a.get_title() for a in fig.axes] == ["PyTorch CPU, batch 1", "PyTorch CPU, batch 64",
+                                                 "ONNX Runtime CPU, batch 1", "ONNX Runtime CPU, batch 64"]
     bars = plot.layer_widths(records.loc[records["method"] == "wgsef", "run"].iloc[0]).axes[0].patches
     assert [b.get_height() for b in bars] == [6, 16, 120, 6, 8, 60]
+
+
+def test_figure_styles_one_colour_per_method_one_style_per_setting(runs):
+    records = _runs.load_runs([runs])
+    styles = plot.Styles(records)
+    fig = plot.sparsity_over_epochs(records, styles)
+    left = fig.axes[0]
+    wgsef = [line for line in left.get_lines() if line.get_color() == styles.colors["wgsef"]]
+    assert len(wgsef) == 7  # 3 seeds at lam=1e-3, 2 at 1e-2, and the diverged and killed runs at lam=1e-3
+    assert len({line.get_linestyle() for line in wgsef}) == 2  # one line style per setting
+    assert len(set(styles.colors.values())) == len(styles.colors) == 3  # wgsef, group_lasso, dense
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels.count("wgsef lam=0.001") == 1  # seeds share one legend entry
+    # nonzero groups / k: 20 groups, k_groups 10, sparsity 40% at the end of seed 0 at lam=1e-3 -> 1.2
+    ratio = fig.axes[1]
+    assert ratio.get_yscale() == "log" and any(line.get_ydata()[-1] == pytest.approx(1.2) for line in ratio.get_lines())
+    lam = fig.axes[2]
+    assert {tuple(line.get_ydata()) for line in lam.get_lines()} >= {(1e-3, 2e-3, 3e-3)}
+
+
+def test_speedup_and_accuracy_vs_flops_are_log_scaled(runs):
+    records = _runs.load_runs([runs])
+    fig = plot.speedup_vs_flops(records)
+    for ax in fig.axes:
+        assert ax.get_xscale() == ax.get_yscale() == "log"
+        diagonal = [line for line in ax.get_lines() if line.get_label() == "y = x"][0]
+        assert list(diagonal.get_xdata()) == list(diagonal.get_ydata())
+    markers = {c.get_label(): c.get_paths()[0].vertices.shape for c in fig.axes[0].collections}
+    assert {"wgsef lam=0.001", "wgsef lam=0.01", "group_lasso"} <= set(markers)
+    ax = plot.acc_vs_flops(_runs.aggregate(records)).axes[0]
+    assert ax.get_xscale() == "log"
+    bars = {round(c.lines[0].get_xdata()[0], 6): c for c in ax.containers}
+    # wgsef lam=1e-3: FLOPs reduction 1 + 2 * sparsity over sparsities 0.4, 0.5, 0.6 -> mean 2.0, std 0.2
+    xerr = bars[2.0].lines[2][0].get_segments()[0]
+    assert [p[0] for p in xerr] == pytest.approx([1.8, 2.2])
+    assert [line.get_label() for line in ax.get_lines() if line.get_label() == "dense"] == ["dense"]
+
+
+def test_lambda_k_characterisation(runs):
+    fig = plot.lambda_k(_runs.load_runs([runs]))
+    acc, prox = fig.axes
+    (curve,) = [c for c in acc.containers if c.get_label() == "k=0.5"]
+    x, y = curve.lines[0].get_data()
+    assert list(x) == [1e-3, 1e-2] and list(y) == pytest.approx([100 * (0.89 + 0.90 + 0.93) / 3, 81])
+    # the prox zeroed 2 groups per epoch, 6 after 3 epochs, of 20 groups: 30%; k = 10 of 20 asks for 50%
+    (curve,) = [c for c in prox.containers if c.get_label() == "k=0.5"]
+    assert list(curve.lines[0].get_ydata()) == pytest.approx([30, 30])
+    assert [line.get_ydata()[0] for line in prox.get_lines() if line.get_linestyle() == ":"] == pytest.approx([50])
+    assert acc.get_xscale() == "log"
+
+
+def test_failed_member_listed_with_method_and_setting(tmp_path):
+    """A member that failed before writing config.yaml: its method comes from .hydra/hydra.yaml's choices and
+    its setting from the resolved .hydra/config.yaml, so it matches its completed siblings."""
+    for n, lam in enumerate((1e-3, 1e-2)):
+        cfg = config("wgsef", lam, 0)
+        cfg.pop("method")
+        cfg["regularizer"]["finish_epoch"] = 2  # resolved ${epoch_at:0.75,${trainer.epochs}} of 3 epochs
+        write_run(tmp_path / str(n), cfg, metrics_rows(3, 0.5, 0.9), summary("wgsef", 0, 0.9, 0.9, 0.5))
+    failed = config("wgsef", 1e-2, 7)
+    failed.pop("method")
+    failed["regularizer"]["finish_epoch"] = "${epoch_at:0.75,${trainer.epochs}}"
+    write_run(tmp_path / "2", failed, None, {"status": "failed", "error": "boom"}, hydra_only=True)
+    choices = {"method": "wgsef", "regularizer": "wgsef", "optimizer": "prox_sgd", "model": "lenet5"}
+    (tmp_path / "2" / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    _, md = _runs.write_table(_runs.load_runs([tmp_path]), tmp_path / "t", "cmd")
+    assert f"- `{tmp_path / '2'}` (wgsef lam=0.01 seed 7): **failed**: boom" in md.read_text()
 
 
 def test_record_from_wandb_matches_run_dir():
@@ -233,4 +328,4 @@ def test_notebook_executes(runs, table, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(str(o.get("data", {}).get("text/plain", "")) + o.get("text", "") for o in outputs)
     assert "t1.csv" in str(outputs) and "group_lasso" in text and "CUDA out of memory" in text
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5  # (a), (b), (c), two width charts
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 7  # (a)-(e), two width charts

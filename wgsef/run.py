@@ -30,6 +30,16 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("epoch_at", epoch_at, replace=True)
 
 
+def method_label(choices) -> str:
+    """The method's name in summaries and tables, from Hydra's config-group choices (also read back from a
+    run's .hydra/hydra.yaml by scripts/_runs.py): dense, wgsef, group_lasso, ssl, srste, gblr; with HSPG:
+    hspg (group lasso, as OTO) or <regularizer>+hspg."""
+    regularizer, optimizer = choices.get("regularizer"), choices.get("optimizer")
+    if optimizer == "hspg":
+        return "hspg" if regularizer == "group_lasso" else f"{regularizer}+hspg"
+    return "dense" if regularizer == "none" else regularizer
+
+
 def load_init(model, path: str, device) -> None:
     """Start from the weights of another run (its checkpoints/last.pt) or a bare state_dict file."""
     try:
