@@ -47,6 +47,7 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, opset: int = OPSET) -
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings(), _stdout_silenced():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy exporter": chosen, see the docstring
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a bad trace fails checked_session instead
         torch.onnx.export(model, (example_input.cpu(),), buffer, dynamo=False, opset_version=opset,
                           input_names=[INPUT], output_names=[OUTPUT],
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
@@ -82,25 +83,32 @@ def _zero_weights(model: nn.Module) -> int:
     return sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
-def export_checked(model: nn.Module, example_input: torch.Tensor, path: str | Path, atol: float = 1e-4,
-                   check_batch: int = 3, seed: int = 0) -> dict:
-    """Export `model` to `path` and check onnxruntime against PyTorch on a random batch of `check_batch`
-    (another size than the example's: the batch axis must really be dynamic).
+def checked_session(model: nn.Module, example_input: torch.Tensor, threads: int = 1, atol: float = 1e-4,
+                    check_batch: int = 3, seed: int = 0) -> tuple[ort.InferenceSession, bytes, float]:
+    """Export `model`, open it in onnxruntime and compare with PyTorch on a random batch of `check_batch`
+    (another size than the example's: the batch axis must really be dynamic). Returns (session, ONNX bytes,
+    max abs difference); raises ValueError when the outputs differ by more than `atol`."""
+    blob = to_onnx(model, example_input)
+    sess = session(blob, threads)
+    x = torch.randn(check_batch, *example_input.shape[1:], generator=torch.Generator().manual_seed(seed))
+    diff = max_abs_diff(sess, model, x)
+    if not diff <= atol:
+        raise ValueError(f"onnxruntime differs from PyTorch by {diff:.3g} > {atol:g}")
+    return sess, blob, diff
+
+
+def export_checked(model: nn.Module, example_input: torch.Tensor, path: str | Path, atol: float = 1e-4) -> dict:
+    """Export `model` to `path` once checked_session agrees with PyTorch.
 
     Returns {"onnx": "exported", "onnx_max_abs_diff": d} (plus "onnx_note" when zeros inside weights will
     run dense); a model that does not export, or differs by more than `atol`, gives {"onnx": "not exported
     (<one line>)"} and leaves no file at `path`.
     """
-    path = Path(path)
-    x = torch.randn(check_batch, *example_input.shape[1:], generator=torch.Generator().manual_seed(seed))
     try:
-        blob = to_onnx(model, example_input)
-        diff = max_abs_diff(session(blob), model, x)
+        _, blob, diff = checked_session(model, example_input, atol=atol)
     except Exception as e:  # the exporter's errors have no common type; report one line, never a traceback
         return {"onnx": f"not exported ({type(e).__name__}: {first_line(e)})"}
-    if not diff <= atol:
-        return {"onnx": f"not exported (onnxruntime differs from PyTorch by {diff:.3g} > {atol:g})"}
-    path.write_bytes(blob)
+    Path(path).write_bytes(blob)
     out = {"onnx": "exported", "onnx_max_abs_diff": diff}
     if zeros := _zero_weights(model):
         out["onnx_note"] = f"ONNX Runtime runs N:M and unstructured zeros dense ({zeros} zero weights computed)"

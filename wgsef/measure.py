@@ -125,12 +125,13 @@ def ort_latency_ms(sess, example_input: torch.Tensor, min_run_time: float = 0.5,
 
 
 def _ort_sessions(models: dict, example_input: torch.Tensor, threads: int) -> tuple[dict, str]:
-    """{tag: onnxruntime session} of each model exported to ONNX, or ({}, why not) in one line."""
-    from wgsef.deploy import session, to_onnx
+    """{tag: onnxruntime session} of each model exported to ONNX and checked against PyTorch, or ({}, why
+    not) in one line."""
+    from wgsef.deploy import checked_session
     from wgsef.train import first_line
 
     try:
-        return {tag: session(to_onnx(m, example_input), threads) for tag, m in models.items()}, "done"
+        return {tag: checked_session(m, example_input, threads)[0] for tag, m in models.items()}, "done"
     except Exception as e:  # a method's own layers that the exporter cannot trace
         return {}, f"skipped ({type(e).__name__}: {first_line(e)})"
 

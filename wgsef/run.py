@@ -145,8 +145,6 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
                 "image_size": spec.image_size, **{k: v for k, v in cfg.model.items() if k not in ("_target_", "name")}}
         save_compact(small, run_dir / "compact.pt", arch)
         write_json(report.widths(), run_dir / "compact.json")
-        if m.onnx:
-            out.update(export_checked(small, example, run_dir / "compact.onnx"))
         zero_cols = sum(z for z, _ in report.shape_zero_columns.values())
         out.update(compaction="done", removed_channels=report.removed_channels,
                    zero_weights_left=report.zero_weights, zero_im2col_columns=zero_cols,
@@ -156,6 +154,8 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
                    # what kernels that skip zero weights (2:4 sparse tensor cores, sparse CPU kernels) could
                    # at best save
                    flops_sparse=sparse_flops(small, example))
+    if m.onnx:  # the deployed model, compacted or (when compaction was skipped) as trained
+        out.update(export_checked(small, example, run_dir / "compact.onnx"))
     clock = "wall" if torch.cuda.is_available() else m.clock
     out.update(measure_model(dense, small, shape, batches=tuple(m.batches), threads=m.threads,
                              min_run_time=m.min_run_time, repeats=m.repeats, clock=clock, onnxruntime=m.onnx))
