@@ -2,7 +2,9 @@
 and compare measured CPU speedup with the FLOPs reduction.
 
     python scripts/bench_compaction.py [--threads 1] [--clock cpu] [--layouts nchw nhwc] [--repeats 5]
-        [--min-run-time 0.5] [--out results/compaction_bench]
+        [--min-run-time 0.5] [--onnxruntime] [--out results/compaction_bench]
+
+--onnxruntime also times both models exported to ONNX in onnxruntime (CPU), beside PyTorch.
 
 Writes <out>.csv and <out>.md, each starting with a comment line holding the command.
 """
@@ -25,6 +27,9 @@ COLUMNS = ["model", "input", "layout", "zeroed_channels", "max_abs_diff", "param
            "latency_ms_cpu_b1_dense", "latency_ms_cpu_b1_compact", "speedup_cpu_b1",
            "latency_ms_cpu_b64_dense", "latency_ms_cpu_b64_compact", "speedup_cpu_b64",
            "speedup_b64_over_flops_reduction", "threads", "clock"]
+ORT_COLUMNS = ["latency_ms_ort_cpu_b1_dense", "latency_ms_ort_cpu_b1_compact", "speedup_ort_cpu_b1",
+               "latency_ms_ort_cpu_b64_dense", "latency_ms_ort_cpu_b64_compact", "speedup_ort_cpu_b64",
+               "ort_over_pytorch_b64_compact"]
 LAYOUTS = {"nchw": False, "nhwc": True}  # layout name -> channels_last
 TARGET = {"vgg16": 0.85, "resnet18": 0.85}  # measured b64 speedup / FLOPs reduction at 50% filter sparsity
 
@@ -55,8 +60,10 @@ def bench(name: str, layout: str, args) -> dict:
            "max_abs_diff": diff}
     row.update(measure_model(model, small, (channels, side, side), devices=("cpu",), batches=(1, 64),
                              threads=args.threads, min_run_time=args.min_run_time, repeats=args.repeats,
-                             clock=args.clock, channels_last=LAYOUTS[layout]))
+                             clock=args.clock, channels_last=LAYOUTS[layout], onnxruntime=args.onnxruntime))
     row["speedup_b64_over_flops_reduction"] = row["speedup_cpu_b64"] / row["flops_reduction"]
+    if args.onnxruntime:  # how much faster onnxruntime runs the compact model than PyTorch does
+        row["ort_over_pytorch_b64_compact"] = row["latency_ms_cpu_b64_compact"] / row["latency_ms_ort_cpu_b64_compact"]
     return row
 
 
@@ -95,28 +102,30 @@ def main(argv=None) -> None:
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="cpu: thread CPU time (needs --threads 1), robust on a shared machine")
+    parser.add_argument("--onnxruntime", action="store_true", help="also time the ONNX exports in onnxruntime")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/compaction_bench"))
     args = parser.parse_args(argv)
     command = "python " + shlex.join(["scripts/bench_compaction.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
+    columns = COLUMNS + (ORT_COLUMNS if args.onnxruntime else [])
     rows = []
     for name in args.models:
         for layout in args.layouts:
             rows.append(bench(name, layout, args))
-            print(" ".join(f"{k}={fmt(rows[-1][k])}" for k in COLUMNS), flush=True)
+            print(" ".join(f"{k}={fmt(rows[-1][k])}" for k in columns), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
         f.write(f"# {command}\n")
-        writer = csv.DictWriter(f, COLUMNS)
+        writer = csv.DictWriter(f, columns)
         writer.writeheader()
-        writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
+        writer.writerows({k: row[k] for k in columns} for row in rows)
     best = best_layout(rows)
     for row in best:
         print(f"{row['model']}: speedup_b64 {row['speedup_cpu_b64']:.3f} / flops_reduction {row['flops_reduction']:.3f}"
               f" = {row['ratio']:.3f} (dense {row['dense_layout']}, compact {row['compact_layout']}; target {row['target']})")
     lines = [f"<!-- {command} -->", "", "Each model in its fastest memory layout (batch 64, CPU):", "",
-             *markdown(best, list(best[0])), "", "Every layout:", "", *markdown(rows, COLUMNS)]
+             *markdown(best, list(best[0])), "", "Every layout:", "", *markdown(rows, columns)]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
