@@ -64,9 +64,11 @@ def _number(x) -> float:
 def _onnx_notes(get) -> str:
     """What a reader of the table must know about the ONNX model: why it was not exported or timed, or
     that onnxruntime runs its N:M / unstructured zeros dense."""
-    status, timing = get("onnx"), get("onnxruntime_latency")
-    notes = [status if status and status != "exported" else "",
-             f"onnxruntime latency {timing}" if timing and timing != "done" else "", get("onnx_note") or ""]
+    status, timing = get("onnx") or "", get("onnxruntime_latency") or ""
+    timing_reason = timing.removeprefix("skipped ")
+    notes = [status if status != "exported" else "",
+             f"onnxruntime latency {timing}" if timing not in ("", "done") and timing_reason not in status else "",
+             get("onnx_note") or ""]
     return "; ".join(n for n in notes if n)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import LogFormatter, MaxNLocator
 
 from _runs import KEYS, aggregate, load_metrics, parse_runs
 
@@ -76,13 +76,20 @@ def _panels(n: int, title: str, width: float = 5.0, rows: int = 1) -> tuple[Figu
     return fig, list(fig.subplots(rows, n, squeeze=False).flat)
 
 
+class PlainLogFormatter(LogFormatter):
+    """matplotlib's choice of which log ticks get a label, written as plain numbers (0.5, 2, 100)."""
+
+    def __call__(self, x, pos=None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
 def _log(ax, which: str) -> None:
-    """Log-scale ax's `which` ("x" or "y") axis, labelled 1, 2, 5, 10, 20, ... in plain numbers."""
+    """Log-scale ax's `which` ("x" or "y") axis, labelled in plain numbers (0.5, 2, 100 rather than 5×10⁻¹);
+    intermediate ticks get labels only when the axis spans less than a decade, as matplotlib's default."""
     getattr(ax, f"set_{which}scale")("log")
     axis = getattr(ax, f"{which}axis")
-    axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(NullFormatter())
+    axis.set_major_formatter(PlainLogFormatter())
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 def _dense_line(ax, rows: pd.DataFrame) -> None:
@@ -271,7 +278,8 @@ def speedup_vs_flops(records: pd.DataFrame, styles: Styles | None = None) -> Fig
         ax.set(title=SPEEDUPS[col], xlabel="FLOPs reduction (dense / compact)",
                ylabel="latency speedup (dense / compact)")
         ax.grid(alpha=0.3, which="both")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize="small")
     return fig
 
 
