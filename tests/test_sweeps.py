@@ -2,6 +2,8 @@
 lambda search (configs/hparams_search/), all on tiny digits runs in-process through `experiments.train.cli`."""
 import itertools
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -179,3 +181,24 @@ def test_optuna_sqlite_study_resumes(tmp_path, monkeypatch):
         assert float(regularizer(tmp_path / sweep / "0")[0]) == trial.params["regularizer.lam"]
     result = yaml.safe_load((tmp_path / "second" / "optimization_results.yaml").read_text())
     assert result["best_value"] == max(t.value for t in trials)  # the best over both invocations
+
+
+@pytest.mark.slow  # two fresh Python processes: about a minute on 2 busy cores
+def test_optuna_sqlite_study_shared_by_parallel_workers(tmp_path):
+    """Two processes at the same time on one sqlite study (each its own sampler seed and sweep directory):
+    both trials land in the one study, under distinct trial numbers."""
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    optuna.create_study(study_name="wgsef_lambda", storage=storage, direction="maximize")  # no creation race
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", "-m", "hparams_search=wgsef_lambda", "hydra.sweeper.n_trials=1",
+         f"hydra.sweeper.storage={storage}", f"hydra.sweeper.sampler.seed={seed}", "objective.reference=0.2",
+         *TINY, f"hydra.sweep.dir={tmp_path / str(seed)}"], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    errors = [w.communicate(timeout=300)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], errors
+    trials = optuna.load_study(study_name="wgsef_lambda", storage=storage).trials
+    assert sorted(t.number for t in trials) == [0, 1]
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    lams = {float(regularizer(tmp_path / str(seed) / "0")[0]) for seed in (1, 2)}
+    assert lams == {t.params["regularizer.lam"] for t in trials} and len(lams) == 2
