@@ -1,5 +1,5 @@
 """WGSEF and group lasso on group-norm vectors (wgsef.functional) against independent references:
-cvxpy + Clarabel on the theta-forms of methods.md section 1, the sorted formula of the k-support norm,
+cvxpy + Clarabel on the theta-forms of docs/methods.md section 1, the sorted formula of the k-support norm,
 closed forms, finite differences, and the two root searches against each other."""
 import math
 from functools import lru_cache, partial
@@ -77,7 +77,7 @@ def cvx_prox(a, k, mu, d=None):
 
 
 def formula_value(v, k):
-    """The k-support-norm formula of methods.md (1-indexed z, z_0 = +inf, search r = 0..k-1), with a
+    """The k-support-norm formula of docs/methods.md (1-indexed z, z_0 = +inf, search r = 0..k-1), with a
     rounding tolerance on its two conditions."""
     z = [math.inf] + sorted(v.tolist(), reverse=True)
     if sum(x > 0 for x in z[1:]) <= k:

@@ -1,4 +1,4 @@
-"""Gaudi-GBLR (methods.md section 5): mask, layers, prox step, FLOPs, inference path, training."""
+"""Gaudi-GBLR (docs/methods.md section 5): mask, layers, prox step, FLOPs, inference path, training."""
 import itertools
 import math
 from pathlib import Path

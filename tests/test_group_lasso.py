@@ -1,4 +1,4 @@
-"""Group lasso (methods.md section 2): value, prox and gradient against independent references."""
+"""Group lasso (docs/methods.md section 2): value, prox and gradient against independent references."""
 import cvxpy as cp
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""HSPG (methods.md section 3): hand-built half-space cases, stages, state_dict, factory errors; and short
+"""HSPG (docs/methods.md section 3): hand-built half-space cases, stages, state_dict, factory errors; and short
 digits trainings of HSPG and the group-sparsity baselines (group lasso prox-SGD, SSL) against dense SGD."""
 import copy
 import math

@@ -1,4 +1,4 @@
-"""SSL (Wen et al. 2016, methods.md section 2): group types, subgradient, freeze + fine-tune, prox mode."""
+"""SSL (Wen et al. 2016, docs/methods.md section 2): group types, subgradient, freeze + fine-tune, prox mode."""
 import pytest
 import torch
 from torch import nn

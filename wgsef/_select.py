@@ -1,4 +1,4 @@
-"""Root finding for the WGSEF prox and value (methods.md section 1).
+"""Root finding for the WGSEF prox and value (docs/methods.md section 1).
 
 Both need the gamma with S(gamma) = k, where
 

@@ -1,4 +1,4 @@
-"""Pure tensor math on vectors of group norms: WGSEF (methods.md section 1) and group lasso (section 2).
+"""Pure tensor math on vectors of group norms: WGSEF (docs/methods.md section 1) and group lasso (section 2).
 
 Every function takes a = (||theta_G_1||, ..., ||theta_G_n||), a 1-D float tensor of nonnegative norms
 on any device, and optional positive group weights d; results have a's dtype and device. A prox returns
@@ -134,7 +134,7 @@ def wgsef_grad_coeffs(a: Tensor, k: int, weights=None, method: str = "auto") -> 
 
 @torch.no_grad()
 def wgsef_prox(a: Tensor, k: int, mu: float, weights=None, method: str = "auto") -> Tensor:
-    """New group norms after the prox of mu * WGSEF_{k,d} (methods.md section 1).
+    """New group norms after the prox of mu * WGSEF_{k,d} (docs/methods.md section 1).
 
     theta_j = clip(gamma s_j - mu d_j, 0, 1) with s_j = sqrt(d_j) a_j and gamma chosen so that
     sum_j theta_j = k; then a_j <- a_j theta_j / (theta_j + mu d_j). With at most k nonzero groups

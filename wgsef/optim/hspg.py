@@ -1,4 +1,4 @@
-"""HSPG: half-space stochastic projected gradient (Chen et al. 2020; OTO), methods.md section 3.
+"""HSPG: half-space stochastic projected gradient (Chen et al. 2020; OTO), docs/methods.md section 3.
 
 Problem: min f(theta) + lam * Omega(theta) for any `GroupPenalty` (group lasso, WGSEF). Per step, with
 learning rate eta and the direction d = grad f + weight_decay * theta (+ momentum, default 0 as in OTO):

@@ -1,4 +1,4 @@
-"""Gaudi-GBLR as a Regularizer (Lee & Kim, ICLR 2024; methods.md section 5).
+"""Gaudi-GBLR as a Regularizer (Lee & Kim, ICLR 2024; docs/methods.md section 5).
 
 `attach` swaps Linear / Conv2d layers for GBLR layers; the penalty lam * sum(w_in + w_out) acts by a
 proximal step on the widths after every optimizer step; sigma follows the homotopy schedule;

@@ -1,4 +1,4 @@
-"""Gaudi-GBLR layers (Lee & Kim, ICLR 2024; methods.md section 5).
+"""Gaudi-GBLR layers (Lee & Kim, ICLR 2024; docs/methods.md section 5).
 
 A weight W (m x n; a conv is its O x I*kh*kw view, PyTorch's own flattening order) is a sum of K
 rank-r components, each masked to a circular row interval and a circular column interval:

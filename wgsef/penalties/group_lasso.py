@@ -1,4 +1,4 @@
-"""Group lasso: lam * Omega(theta), Omega = sum_j w_j ||theta_{G_j}||_2 (methods.md section 2).
+"""Group lasso: lam * Omega(theta), Omega = sum_j w_j ||theta_{G_j}||_2 (docs/methods.md section 2).
 
 The norm is NOT squared: a squared group norm is a ridge penalty (weight decay) and never zeroes a group.
 Use with `optimizer=prox_sgd` (block soft-threshold after each step) or `optimizer=hspg`.

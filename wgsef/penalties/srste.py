@@ -1,4 +1,4 @@
-"""SR-STE: N:M fine-grained structured sparsity (Zhou et al., ICLR 2021; methods.md section 4).
+"""SR-STE: N:M fine-grained structured sparsity (Zhou et al., ICLR 2021; docs/methods.md section 4).
 
 `attach` swaps every eligible nn.Conv2d / nn.Linear for a subclass whose forward uses W * mask.
 - mode="scratch" (SR-STE): the mask is recomputed from the dense weights every forward; the dense

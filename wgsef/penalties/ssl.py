@@ -1,4 +1,4 @@
-"""SSL: structured sparsity learning (Wen et al., NeurIPS 2016), methods.md section 2.
+"""SSL: structured sparsity learning (Wen et al., NeurIPS 2016), docs/methods.md section 2.
 
 Group lasso over any combination of filter, channel, shape and depth groups, each with its own lambda:
 R(theta) = sum_t lam_t * sum_{g in type t} w_g ||theta_g||_2 (w_g = 1 as in the paper, or sqrt(|g|)).

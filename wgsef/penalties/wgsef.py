@@ -1,4 +1,4 @@
-"""WGSEF: lam * weighted group sparse envelope function over a model's groups (methods.md section 1).
+"""WGSEF: lam * weighted group sparse envelope function over a model's groups (docs/methods.md section 1).
 
 Scope `layer` evaluates WGSEF on each block of the GroupSet (a layer, or a set of coupled layers) with
 its own k_l; scope `global` evaluates one WGSEF over all groups with one k. A prox step never leaves
