@@ -244,7 +244,8 @@ MD_COLUMNS = {  # metric -> (header, format of a value); shown as mean ± std ov
         ("flops_sparse_reduction", "FLOPs reduction, zero-skipping kernels"),
         ("speedup_cpu_b1", "CPU speedup b1"), ("speedup_cpu_b64", "CPU speedup b64"),
         ("speedup_cuda_b1", "GPU speedup b1"), ("speedup_cuda_b64", "GPU speedup b64"),
-        ("speedup_ort_cpu_b1", "ONNX Runtime CPU speedup b1"), ("speedup_ort_cpu_b64", "ONNX Runtime CPU speedup b64")]},
+        ("speedup_ort_cpu_b1", "ONNX Runtime CPU speedup b1"),
+        ("speedup_ort_cpu_b64", "ONNX Runtime CPU speedup b64")]},
     "latency_ms_cpu_b64": ("CPU latency b64 (ms)", lambda x: f"{x:.2f}"),
     "latency_ms_ort_cpu_b64": ("ONNX Runtime CPU latency b64 (ms)", lambda x: f"{x:.2f}"),
 }

@@ -208,7 +208,9 @@ def sparsity_over_epochs(records: pd.DataFrame, styles: Styles | None = None) ->
 def _n_groups(m: pd.DataFrame) -> float:
     """Number of groups of a run, from a metrics row with group sparsity < 1: nonzero / (1 - sparsity)."""
     rows = m[m["group_sparsity"] < 1]
-    return float(np.round(rows["nonzero_groups"].iloc[0] / (1 - rows["group_sparsity"].iloc[0]))) if len(rows) else np.nan
+    if rows.empty:
+        return np.nan
+    return float(np.round(rows["nonzero_groups"].iloc[0] / (1 - rows["group_sparsity"].iloc[0])))
 
 
 def lambda_k(records: pd.DataFrame) -> Figure | None:
@@ -242,8 +244,9 @@ def lambda_k(records: pd.DataFrame) -> Figure | None:
         for i, (k, rows_k) in enumerate(here.groupby("k")):
             stats = rows_k.groupby("lam")[["acc", "prox", "target"]].agg(["mean", "std"]).sort_index()
             style = {"color": f"C{i % 10}", "marker": MARKERS[i % len(MARKERS)], "capsize": 3}
-            acc_ax.errorbar(stats.index, stats["acc", "mean"], yerr=stats["acc", "std"].fillna(0), label=f"k={k}", **style)
-            sp_ax.errorbar(stats.index, stats["prox", "mean"], yerr=stats["prox", "std"].fillna(0), label=f"k={k}", **style)
+            for ax, column in ((acc_ax, "acc"), (sp_ax, "prox")):
+                ax.errorbar(stats.index, stats[column, "mean"], yerr=stats[column, "std"].fillna(0), label=f"k={k}",
+                            **style)
             if stats["target", "mean"].notna().any():
                 sp_ax.axhline(stats["target", "mean"].mean(), color=style["color"], ls=":", lw=1)
         acc_ax.set(title=f"{dataset} / {model} / {method}", xlabel="lambda", ylabel="final test accuracy (%)")

@@ -97,7 +97,8 @@ def test_measure_model_times_onnxruntime_beside_pytorch():
         for runtime in ("cpu", "ort_cpu"):
             key = f"{runtime}_b{b}"
             assert out[f"latency_ms_{key}_dense"] > 0 and out[f"latency_ms_{key}_compact"] > 0
-            assert out[f"speedup_{key}"] == pytest.approx(out[f"latency_ms_{key}_dense"] / out[f"latency_ms_{key}_compact"])
+            ratio = out[f"latency_ms_{key}_dense"] / out[f"latency_ms_{key}_compact"]
+            assert out[f"speedup_{key}"] == pytest.approx(ratio)
     skipped = measure_model(FFTNet(), FFTNet(), (1, 2, 4), devices=("cpu",), batches=(1,), threads=1,
                             min_run_time=0.01, clock="cpu", onnxruntime=True)
     assert skipped["onnxruntime_latency"].startswith("skipped (UnsupportedOperatorError")
@@ -114,5 +115,5 @@ def test_digits_run_writes_compact_onnx_and_ort_latency(tmp_path, monkeypatch):
         assert summary[f"latency_ms_ort_cpu_b{b}_compact"] > 0 and summary[f"speedup_ort_cpu_b{b}"] > 0
     assert (tmp_path / "compact.onnx").stat().st_size > 1000
     # exactly the files the README's run-directory table documents (no empty train.log)
-    assert {p.name for p in tmp_path.iterdir()} == {".hydra", "config.yaml", "metrics.csv", "summary.json", "checkpoints",
-                                                    "compact.pt", "compact.json", "compact.onnx"}
+    assert {p.name for p in tmp_path.iterdir()} == {".hydra", "config.yaml", "metrics.csv", "summary.json",
+                                                    "checkpoints", "compact.pt", "compact.json", "compact.onnx"}

@@ -215,7 +215,8 @@ def test_plot_and_table_on_runs_without_a_completed_one(runs, tmp_path, capsys):
     assert out == "no completed run among 3 (1 diverged, 1 failed, 1 incomplete): no figure drawn\n"
     assert not (tmp_path / "fig").exists()
     make_table.main([*paths, "--name", "t", "--out", str(tmp_path)])
-    assert "3 runs, 3 not completed (listed in the .md); no run completed: the table is empty" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 runs, 3 not completed (listed in the .md); no run completed: the table is empty" in out
     assert "No run completed: the table is empty." in (tmp_path / "t.md").read_text()
 
 
