@@ -37,6 +37,7 @@ demo: $(STAMP) ## the main job, offline: every method on digits (VGG16 x0.25), t
 	$(PY) scripts/plot.py runs/demo --out results/figures/demo
 	$(PY) scripts/readme_table.py results/demo.md README.md
 
+.PHONY: notebook
 notebook: $(STAMP) ## execute notebooks/analysis.ipynb in place (nbclient): tables of results/, figures of runs/ (WGSEF_RUNS=...)
 	.venv/bin/jupyter-execute --inplace --timeout=600 notebooks/analysis.ipynb
 
