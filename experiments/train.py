@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from wgsef.data import DatasetNotFound
-from wgsef.run import method_label, register_resolvers, run, write_json
+from wgsef.run import register_resolvers, run, write_json
 from wgsef.train import CheckpointError, first_line
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -33,6 +33,14 @@ def check_group_choices(argv: list[str]) -> None:
                     raise ValueError(f"unknown {group} '{option}'; choose one of {', '.join(valid)}")
 
 
+def default_method(choices) -> str:
+    """The method's label from the config-group choices: wgsef.run.method_label, which scripts/_runs.py also
+    uses to label a member that failed before writing its summary."""
+    from wgsef.run import method_label
+
+    return method_label(choices)
+
+
 def objective(spec, summary: dict) -> float:
     """The value a sweeper maximises when the config has an `objective` node (configs/hparams_search/):
     spec.value (e.g. lambda) when the final validation accuracy is at least spec.reference - spec.max_drop,
@@ -48,7 +56,7 @@ def main(cfg) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
-        summary = run(cfg, run_dir, method_label(hc.runtime.choices))
+        summary = run(cfg, run_dir, default_method(hc.runtime.choices))
     except Exception as e:
         message = first_line(e)
         if hc.mode == RunMode.MULTIRUN:  # record the failure, let the other members run
