@@ -130,7 +130,7 @@ def test_gradient_is_straight_through_plus_decay(decay, kind):
     x = torch.randn(3, 12) if kind == "linear" else torch.randn(2, 8, 5, 5)
     target = torch.randn_like(plain(x))
     w0 = plain.weight.detach().clone()
-    reg = SRSTE(n=2, m=4, decay=decay, skip_first=False, skip_last=False)
+    reg = SRSTE(n=2, m=4, decay=decay, skip_last=False)
     wrapped = reg.attach(plain, x)
     assert isinstance(wrapped, (NMLinear, NMConv2d))
     F.mse_loss(wrapped(x), target).backward()
@@ -182,14 +182,41 @@ def test_depthwise_and_first_last_by_run_order():
         def forward(self, x):
             return self.head(self.pw(self.dw(self.stem(x))).mean((2, 3)))
 
+    # default = the official recipe (aojunzz/NM-sparsity ResNet: stem SparseConv, classifier nn.Linear):
+    # the stem, the first layer to run although registered third, is sparse; the head, registered
+    # first but run last, stays dense
     reg = SRSTE()
+    model = reg.attach(Net(), torch.randn(2, 3, 4, 4))
+    assert reg.report()["dense"] == {"head": "last layer", "dw": "depthwise (1 input channel per group)"}
+    assert reg.report()["sparse"] == ["stem", "pw"] and reg.report()["padded"] == ["stem"]
+    assert isinstance(model.stem, NMConv2d) and type(model.head) is nn.Linear
+    reg = SRSTE(first_layer="dense")
     model = reg.attach(Net(), torch.randn(2, 3, 4, 4))
     assert reg.report()["dense"] == {"head": "last layer", "dw": "depthwise (1 input channel per group)",
                                      "stem": "first layer"}
     assert reg.report()["sparse"] == ["pw"] and isinstance(model.pw, NMConv2d)
-    reg = SRSTE(skip_first=False, skip_last=False)
+    reg = SRSTE(skip_last=False)
     model = reg.attach(Net(), torch.randn(2, 3, 4, 4))
     assert reg.report()["sparse"] == ["head", "stem", "pw"] and reg.report()["padded"] == ["stem"]
+    with pytest.raises(ValueError, match="first_layer"):
+        SRSTE(first_layer="skip")
+
+
+def test_layer_selection_matches_the_official_resnet_recipe(make_cfg):
+    """Reference, written from aojunzz/NM-sparsity classification/models/resnet.py: every conv of the
+    ResNet is a SparseConv (stem and 1x1 downsample included), only the final nn.Linear is dense."""
+    from hydra.utils import instantiate
+
+    from wgsef.models import build
+
+    model = build("resnet18", num_classes=10, in_channels=3, image_size=32)
+    reference = {name: isinstance(mod, nn.Conv2d) for name, mod in model.named_modules()
+                 if isinstance(mod, (nn.Conv2d, nn.Linear))}
+    reg = instantiate(make_cfg("method=srste").regularizer)  # the shipped config's defaults
+    model = reg.attach(model, torch.randn(2, 3, 32, 32))
+    got = {name: isinstance(mod, NMConv2d) for name, mod in model.named_modules()
+           if isinstance(mod, (nn.Conv2d, nn.Linear))}
+    assert got == reference and sum(reference.values()) == 20 and reference["fc"] is False
 
 
 def test_finalize_gives_plain_modules_with_same_outputs():

@@ -8,11 +8,13 @@
   keep the pruned weights at exactly zero; `decay` is not used.
 The swapped layers keep their parameters and state-dict keys (one-shot adds the `nm_mask` buffer).
 
-Layer choice (the project's own, documented): the first and the last Conv2d/Linear to run on
-`example_input` stay dense by default (the stem conv with 1 or 3 input channels, the classifier), as in
-the reference ResNet-50 2:4 recipe. Layers with one input channel per group (depthwise) or with at
-most n inputs per group stay dense. Layers whose inputs per group are not a multiple of m are
-zero-padded for the mask (incompatible="pad", as ASP does) or left dense (incompatible="dense").
+Layer choice: as the official recipe (aojunzz/NM-sparsity, ResNet-50 2:4), the first layer to run on
+`example_input` (the stem conv) is sparse and the last (the classifier) stays dense; `first_layer:
+dense` / `skip_last: false` change either. Layers with one input channel per group (depthwise, and a
+stem on 1-channel images) or with at most n inputs per group stay dense. Layers whose inputs per group
+are not a multiple of m are zero-padded for the mask (incompatible="pad", as ASP does; the official
+code groups m consecutive weights of the O x kh x kw x I layout instead, across kernel taps) or left
+dense (incompatible="dense").
 `report()` lists every decision.
 """
 from __future__ import annotations
@@ -141,7 +143,7 @@ class SRSTE(Regularizer):
     name = "srste"
 
     def __init__(self, n: int = 2, m: int = 4, decay: float = 2e-4, mode: str = "scratch",
-                 incompatible: str = "pad", skip_first: bool = True, skip_last: bool = True):
+                 incompatible: str = "pad", first_layer: str = "sparse", skip_last: bool = True):
         check_nm(n, m)
         if decay < 0:
             raise ValueError(f"SR-STE decay must be >= 0, got {decay}")
@@ -150,14 +152,16 @@ class SRSTE(Regularizer):
         if incompatible not in ("pad", "dense"):
             raise ValueError(f"incompatible must be 'pad' or 'dense' (layers whose inputs are not a multiple "
                              f"of m), got '{incompatible}'")
+        if first_layer not in ("sparse", "dense"):
+            raise ValueError(f"first_layer must be 'sparse' (official recipe) or 'dense', got '{first_layer}'")
         self.n, self.m, self.decay, self.mode = n, m, float(decay), mode
-        self.incompatible, self.skip_first, self.skip_last = incompatible, skip_first, skip_last
+        self.incompatible, self.first_layer, self.skip_last = incompatible, first_layer, skip_last
         self.model: nn.Module | None = None
         self._report: dict = {}
 
     def _dense_reason(self, layer: nn.Module, first: nn.Module | None, last: nn.Module | None) -> str | None:
         k = _inputs_per_group(layer)
-        if self.skip_first and layer is first:
+        if self.first_layer == "dense" and layer is first:
             return "first layer"
         if self.skip_last and layer is last:
             return "last layer"
