@@ -245,7 +245,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 self.optimizer.step()
-                self.regularizer.after_step(self.optimizer.param_groups[0]["lr"])
+                self.regularizer.after_step(self.optimizer.param_groups[-1]["lr"])  # the weights' lr (last group)
             except Exception:
                 check(step)  # a method that chokes on NaN inputs: report the divergence that caused it
                 raise
@@ -272,7 +272,7 @@ class Trainer:
     def fit(self) -> TrainState:
         for epoch in range(self.state.epoch, self.epochs):
             t0 = time.perf_counter()
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr = self.optimizer.param_groups[-1]["lr"]  # the weights' lr (optim.param_groups puts them last)
             self.start_epoch(epoch)
             row = {"epoch": epoch + 1, **self._train_epoch(epoch)}
             if self.scheduler:

@@ -22,11 +22,13 @@ def require_group_penalty(regularizer: Regularizer, optimizer: str) -> GroupPena
 
 
 def param_groups(model: nn.Module, regularizer: Regularizer, weight_decay: float) -> list[dict]:
-    """The regularizer's special groups, then every other trainable parameter with `weight_decay`."""
+    """The regularizer's special groups, then every other trainable parameter with `weight_decay` (last:
+    the loop reads the weights' lr from the last group). Groups marked "external" are stepped by the
+    regularizer itself (GBLR's structural Adam) and left out."""
     special = [dict(g) for g in regularizer.param_groups(model)]
     taken = {id(p) for g in special for p in g["params"]}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-    groups = [g for g in special if g["params"]]
+    groups = [g for g in special if g["params"] and not g.get("external")]
     if rest:
         groups.append({"params": rest, "weight_decay": weight_decay})
     return groups

@@ -1,19 +1,29 @@
-"""Inference for trained GBLR layers that computes only the live interval blocks.
+"""Deployment of trained GBLR layers: exact forms of what the layer computes in eval mode, and the
+choice among them by measured latency.
 
-A live component c contributes U_c[R_c] (V_c[:, C_c] x[C_c]) with R_c, C_c circular intervals, so the
-layer is y = U~ (V~ x) where every row of V~ (every column of U~) is nonzero on one interval only.
-Candidates tried on this project's CPU (2 cores; 512 x 512, batch 64, 20% of dense FLOPs): CSR
-sparse-dense products for V~ and U~ ran no faster than dense (MKL's CSR kernels run far below GEMM
-speed), and one small matmul per component costs K kernel launches. Used instead: merge components
-into a few dense tiles per factor -- rows sorted by interval start, cut into contiguous groups by a
-dynamic programme minimising (rows x column span) + a per-tile overhead -- so each tile is one GEMM
-on a contiguous slice of the input. A tile that crosses the end of the axis (circular wrap) is split
-into two GEMMs. Padding inside a tile is zero: it costs FLOPs, not correctness (`macs_per_column`
-reports what is executed). Conv2d: stage 1 is one conv per tile on the tile's input-channel slice
-(unfold / im2col copies alone cost about as much as mkldnn's whole dense conv), stage 2 a tiled
-1x1 product over output channels.
+Forms (each computes exactly the eval-mode layer, up to float rounding):
+- `dense`: the materialised weight in a plain nn.Linear / nn.Conv2d;
+- `lowrank`: the live components' masked factors as two plain layers (n -> R -> m; a conv's first
+  stage is the conv itself with R output channels, its second a 1x1 conv), R = live components x rank;
+- `tiled`: only the interval blocks. A live component c contributes U_c[R_c] (V_c[:, C_c] x[C_c]) with
+  R_c, C_c circular intervals (the support of its masks), so the layer is y = U~ (V~ x) where every row
+  of V~ (every column of U~) is nonzero on one interval only. Components are merged into a few dense
+  tiles per factor -- rows sorted by interval start, cut into contiguous groups by a dynamic programme
+  minimising (rows x column span) + a per-tile overhead -- so each tile is one GEMM on a contiguous
+  slice of the input; a tile that crosses the end of the axis (circular wrap) is split into two GEMMs.
+  Padding inside a tile is zero: it costs FLOPs, not correctness (`macs_per_column` reports what is
+  executed). Conv2d: stage 1 is one conv per tile on the tile's input-channel slice, stage 2 a tiled
+  1x1 product over output channels. (Tried on this project's CPU: CSR products ran no faster than
+  dense, one matmul per component costs K calls, unfold copies cost about a whole mkldnn conv.)
+Per-kernel convs (one matrix per tap) deploy dense only.
+
+`deploy` times the candidates on the layer's own input (alternating, median of repeats) and keeps a
+non-dense form only when it beats dense by `margin`, so the deployed layer is never slower than the
+dense one by more than the timing noise, and is the dense layer itself when nothing is clearly faster.
 """
 from __future__ import annotations
+
+import statistics
 
 import numpy as np
 import torch
@@ -45,6 +55,21 @@ def plan_tiles(start: np.ndarray, length: np.ndarray, overhead: float) -> tuple[
     return order, tiles[::-1]
 
 
+def circular_support(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(start, length) per row of the shortest circular interval holding all its nonzeros
+    (length 0 for an all-zero row)."""
+    n = rows.shape[1]
+    start, length = torch.zeros(len(rows), dtype=torch.long), torch.zeros(len(rows), dtype=torch.long)
+    for i, row in enumerate(rows.detach().cpu()):
+        pos = row.nonzero()[:, 0]
+        if len(pos) == 0:
+            continue
+        gaps = torch.diff(pos, append=pos[:1] + n)  # gap after each nonzero, circularly
+        g = int(gaps.argmax())
+        start[i], length[i] = int(pos[(g + 1) % len(pos)]), n - int(gaps[g]) + 1
+    return start, length
+
+
 class IntervalRows(nn.Module):
     """A matrix P (R x n) whose row p is nonzero only on the circular interval [start_p, start_p +
     length_p) mod n, stored as dense tiles. `matmul(x)` = P x for x (n, cols), `t_matmul(z)` = P^T z for
@@ -55,6 +80,7 @@ class IntervalRows(nn.Module):
                  block: int = 1):
         super().__init__()
         self.n, self.block = rows.shape[1], block
+        start, length = start.to(rows.device), length.to(rows.device)
         end = start + length
         order, tiles = plan_tiles((start // block).cpu().numpy(), (-(-end // block) - start // block).cpu().numpy(),
                                   overhead)
@@ -75,15 +101,14 @@ class IntervalRows(nn.Module):
 
     def matmul(self, x: Tensor) -> Tensor:
         """(R, cols) = P (n, cols), rows in sorted order."""
-        n, z = self.n, x.new_empty(len(self.order), x.shape[1])
+        n, parts = self.n, []
         for t, (i, j, a, b) in enumerate(self.tiles):
             tile = self.tile(t)
             if b <= n:
-                torch.mm(tile, x[a:b], out=z[i:j])
+                parts.append(tile @ x[a:b])
             else:  # the interval wraps: columns a..n-1 then 0..b-n-1
-                torch.mm(tile[:, :n - a], x[a:], out=z[i:j])
-                z[i:j].addmm_(tile[:, n - a:], x[:b - n])
-        return z
+                parts.append(torch.addmm(tile[:, :n - a] @ x[a:], tile[:, n - a:], x[:b - n]))
+        return torch.cat(parts) if parts else x.new_zeros(0, x.shape[1])
 
     def t_matmul(self, z: Tensor) -> Tensor:
         """(..., n, cols) = P^T (..., R, cols), z's rows in sorted order."""
@@ -98,26 +123,37 @@ class IntervalRows(nn.Module):
         return y
 
 
+def _eval_factors(layer: GBLRLayer) -> tuple[Tensor, Tensor]:
+    """The live components' masked factors as the eval-mode layer uses them: U~ rows (R, m) and
+    V~ rows (R, n), one row per rank-1 term."""
+    was_training = layer.training
+    layer.eval()
+    try:
+        with torch.no_grad():
+            mask_out, mask_in = layer.masks()
+            u = (layer.U * mask_out[:, :, None]).transpose(1, 2).reshape(-1, layer.m)
+            v = (layer.V * mask_in[:, None, :]).reshape(-1, layer.n)
+    finally:
+        layer.train(was_training)
+    live = (u.abs().sum(1) > 0) & (v.abs().sum(1) > 0)
+    return u[live], v[live]
+
+
 class GBLRInference(nn.Module):
-    """y = U~ (V~ x) + bias over the live components of a GBLR layer, with exact 0/1 interval masks.
+    """y = U~ (V~ x) + bias over the live components of a GBLR layer (its eval-mode masks).
 
     `overheads` are the costs of one extra tile of V~ and of U~ in weight entries (block units for
     V~), which the tile planner trades against padding entries."""
 
     def __init__(self, layer: GBLRLayer, overheads: tuple[float, float], block: int):
         super().__init__()
+        if layer.taps != 1:
+            raise ValueError("the tiled form needs one matrix per layer (per_kernel convs deploy dense)")
         self.m, self.n = layer.m, layer.n
+        u_rows, v_rows = _eval_factors(layer)
         with torch.no_grad():
-            out_start, out_len, in_start, in_len = layer.intervals()
-            live = ((out_len > 0) & (in_len > 0)).nonzero()[:, 0]
-
-            def expand(t: Tensor) -> Tensor:  # one row per rank-1 term
-                return t[live].repeat_interleave(layer.rank)
-
-            v_rows = layer.V[live].reshape(-1, self.n)
-            u_rows = layer.U[live].transpose(1, 2).reshape(-1, self.m)
-            self.right = IntervalRows(v_rows, expand(in_start), expand(in_len), overheads[0], False, block)
-            self.left = IntervalRows(u_rows, expand(out_start), expand(out_len), overheads[1], True)
+            self.right = IntervalRows(v_rows, *circular_support(v_rows), overheads[0], False, block)
+            self.left = IntervalRows(u_rows, *circular_support(u_rows), overheads[1], True)
             # stage 1 emits rows in right.order; stage 2 reads them in left.order
             position = torch.empty_like(self.right.order)
             position[self.right.order] = torch.arange(len(position), device=position.device)
@@ -185,10 +221,99 @@ def _check(tile_overhead: float, batch_hint: int) -> None:
 
 
 def to_inference(layer: GBLRLayer, **options) -> nn.Module:
-    """The efficient inference module for a trained GBLR layer (sigma = inf boxcar masks); `options`
+    """The tiled inference module for a trained GBLR layer (its eval-mode masks); `options`
     (tile_overhead, batch_hint) go to GBLRLinearInference / GBLRConv2dInference."""
     if isinstance(layer, GBLRConv2d):
         return GBLRConv2dInference(layer, **options)
     if isinstance(layer, GBLRLinear):
         return GBLRLinearInference(layer, **options)
     raise ValueError(f"to_inference expects a GBLRLinear or GBLRConv2d, got {type(layer).__name__}")
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def to_dense(layer: GBLRLayer) -> nn.Module:
+    """A plain nn.Linear / nn.Conv2d with the eval-mode materialised weight."""
+    was_training = layer.training
+    layer.eval()
+    with torch.no_grad():
+        kernel = layer.kernel() if isinstance(layer, GBLRConv2d) else layer.materialize()
+    layer.train(was_training)
+    if isinstance(layer, GBLRConv2d):
+        o, i, kh, kw = layer.kernel_shape
+        new = nn.Conv2d(i, o, (kh, kw), layer.stride, layer.padding, layer.dilation, bias=layer.bias is not None)
+    else:
+        new = nn.Linear(layer.n, layer.m, bias=layer.bias is not None)
+    new = new.to(kernel.device, kernel.dtype)
+    with torch.no_grad():
+        new.weight.copy_(kernel)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+    return _frozen(new)
+
+
+def to_lowrank(layer: GBLRLayer) -> nn.Module | None:
+    """Two plain layers through the R live rank-1 terms (None for per-kernel convs or R = 0)."""
+    if layer.taps != 1:
+        return None
+    u, v = _eval_factors(layer)
+    r = len(u)
+    if r == 0:
+        return None
+    kw = dict(device=u.device, dtype=u.dtype)
+    if isinstance(layer, GBLRConv2d):
+        o, i, kh, kwd = layer.kernel_shape
+        first = nn.Conv2d(i, r, (kh, kwd), layer.stride, layer.padding, layer.dilation, bias=False, **kw)
+        second = nn.Conv2d(r, o, 1, bias=layer.bias is not None, **kw)
+        shapes = (first.weight.shape, second.weight.shape)
+    else:
+        first, second = nn.Linear(layer.n, r, bias=False, **kw), nn.Linear(r, layer.m, bias=layer.bias is not None, **kw)
+        shapes = (first.weight.shape, second.weight.shape)
+    with torch.no_grad():
+        first.weight.copy_(v.reshape(shapes[0]))
+        second.weight.copy_(u.T.reshape(shapes[1]))
+        if layer.bias is not None:
+            second.bias.copy_(layer.bias)
+    return _frozen(nn.Sequential(first, second))
+
+
+def candidate_forms(layer: GBLRLayer, batch_hint: int) -> dict[str, nn.Module]:
+    """Every exact deployable form of `layer` whose FLOPs do not exceed the dense layer's."""
+    forms = {"dense": to_dense(layer)}
+    dense_params = forms["dense"].weight.numel()
+    lowrank = to_lowrank(layer)
+    if lowrank is not None and sum(m.weight.numel() for m in lowrank) < dense_params:
+        forms["lowrank"] = lowrank
+    if layer.taps == 1:
+        tiled = _frozen(to_inference(layer, batch_hint=batch_hint))
+        if tiled.macs_per_column < dense_params:
+            forms["tiled"] = tiled
+    return forms
+
+
+def fastest(forms: dict[str, nn.Module], inputs: list[Tensor], margin: float, repeats: int,
+            min_run_time: float) -> str:
+    """The name of the fastest form: for each input (e.g. batch 1 and 64), medians over `repeats`
+    alternating timings (1 thread; the thread's CPU clock on CPU). A form other than dense must beat
+    dense by the fraction `margin` on every input, and the one with the lowest total time of those wins."""
+    from wgsef.measure import latency_ms  # measure imports nothing of ours; keep the import local
+
+    if len(forms) == 1:
+        return "dense"
+    total, ok = dict.fromkeys(forms, 0.0), dict.fromkeys(forms, True)
+    for x in inputs:
+        clock = "cpu" if x.device.type == "cpu" else "wall"
+        times = {name: [] for name in forms}
+        for _ in range(repeats):
+            for name, form in forms.items():
+                times[name].append(latency_ms(form, x, x.device, threads=1, min_run_time=min_run_time,
+                                              warmup=1, clock=clock))
+        median = {name: statistics.median(t) for name, t in times.items()}
+        for name in forms:
+            total[name] += median[name]
+            ok[name] &= name == "dense" or median[name] <= (1 - margin) * median["dense"]
+    return min((name for name in forms if ok[name]), key=total.get)
