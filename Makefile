@@ -79,8 +79,9 @@ bench-prox: $(STAMP) ## prox time vs number of groups -> results/prox_scaling.cs
 bench-compaction: $(STAMP) ## compaction equivalence and CPU speedup at 50% filter sparsity -> results/
 	$(PY) scripts/bench_compaction.py --threads 1 --clock cpu --repeats 3
 
-bench-gblr: $(STAMP) ## GBLR tiled inference path vs dense layer latency -> results/gblr_latency.csv
+bench-gblr: $(STAMP) ## GBLR deployable forms vs dense layer latency, ops per step -> results/gblr_{latency,step_ops}.csv
 	$(PY) scripts/bench_gblr.py --threads 1
+	$(PY) scripts/bench_gblr_ops.py
 
 bench-nm: $(STAMP) ## 2:4 semi-structured vs dense Linear latency (needs a CUDA GPU)
 	$(PY) scripts/bench_nm.py

@@ -535,16 +535,40 @@ def test_short_training_reaches_the_width_target(seed):
 
 
 def test_default_digits_run_compacts_and_deploys_no_slower_than_dense(make_cfg, tmp_path):
-    """`method=gblr` with default settings on digits: compaction works, and the deployed model is the
-    dense architecture wherever no exact form was clearly faster. Latency: the deployed model's layers
-    are each dense or measured >= deploy_margin (10%) faster than dense, so the whole model is compared
-    with the dense one allowing only timing noise (5%; medians of alternating CPU-clock timings)."""
-    from wgsef.run import run
+    """`method=gblr` with default settings on digits: the finalized model compacts, has no more
+    parameters or FLOPs than dense, and is never slower than dense at batch 64 (1 thread, CPU clock).
+    Like with like: a layer deployed dense is the dense model's layer (same type and shape), so it
+    costs the same by construction; a layer deployed otherwise must beat the dense layer on its own
+    input (medians of alternating timings). Two identical models measured side by side differ by up
+    to ~10% on a loaded machine, so the whole-model comparison is only made when some layer differs
+    from dense, with that noise allowed for (5%)."""
+    from wgsef.distributed import Dist
+    from wgsef.measure import latency_ms, measure_model
+    from wgsef.run import build, instantiate, measure_run
+
     cfg = make_cfg("method=gblr", "trainer.progress=false", "measure.min_run_time=0.1", "measure.repeats=5",
                    "measure.batches=[64]")
-    summary = run(cfg, tmp_path)
-    assert summary["status"] == "completed" and summary["compaction"] == "done"
-    assert summary["params_compact"] <= summary["params_dense"]
-    assert summary["flops_compact"] <= summary["flops_dense"]
-    assert summary["clock"] == "cpu" and summary["threads"] == 1
-    assert summary["latency_ms_cpu_b64_compact"] <= 1.05 * summary["latency_ms_cpu_b64_dense"]
+    trainer = build(cfg, tmp_path, Dist(), torch.device("cpu"))
+    tmp_path.mkdir(exist_ok=True)
+    trainer.fit()
+    reg, spec = trainer.regularizer, trainer.loaders.spec
+    inputs = reg._layer_inputs(trainer.model, 64)
+    model = reg.finalize(trainer.model)
+    summary = measure_run(model, cfg, spec, tmp_path)
+    assert summary["compaction"] == "done"
+    assert summary["params_compact"] <= summary["params_dense"] and summary["flops_compact"] <= summary["flops_dense"]
+    dense = instantiate(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                        image_size=spec.image_size).eval()
+    for name, layer in zip(reg.names, reg.layers):
+        deployed, reference = model.get_submodule(name), dense.get_submodule(name)
+        if reg.deployment[name] == "dense":
+            assert type(deployed) is type(reference) and deployed.weight.shape == reference.weight.shape
+        else:
+            x = inputs[id(layer)]
+            t = {k: sorted(latency_ms(m, x, "cpu", 1, 0.1, clock="cpu") for _ in range(5))[2]
+                 for k, m in (("deployed", deployed), ("dense", reference))}
+            assert t["deployed"] <= t["dense"], name
+    if any(form != "dense" for form in reg.deployment.values()):
+        shape = (spec.in_channels, spec.image_size, spec.image_size)
+        out = measure_model(dense, model, shape, batches=(64,), threads=1, min_run_time=0.1, repeats=5, clock="cpu")
+        assert out["latency_ms_cpu_b64_compact"] <= 1.05 * out["latency_ms_cpu_b64_dense"]
