@@ -56,8 +56,8 @@ class StructuralAdam:
 
     def __init__(self, params: list[nn.Parameter], lr: float, betas: tuple[float, float], eps: float = 1e-8):
         self.params, self.lr, self.betas, self.eps, self.steps = params, lr, betas, eps, 0
-        self.exp_avg = [torch.zeros_like(p) for p in params] if betas[0] > 0 else None
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.exp_avg: list[Tensor] | None = None  # created at the first step, on the parameters' device
+        self.exp_avg_sq: list[Tensor] | None = None
 
     @torch.no_grad()
     def step(self) -> None:
@@ -65,6 +65,9 @@ class StructuralAdam:
         if not have:
             return
         (beta1, beta2), self.steps = self.betas, self.steps + 1
+        if self.exp_avg_sq is None:
+            self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+            self.exp_avg = [torch.zeros_like(p) for p in self.params] if beta1 > 0 else None
         params, grads = [self.params[i] for i in have], [self.params[i].grad for i in have]
         sq = [self.exp_avg_sq[i] for i in have]
         torch._foreach_mul_(sq, beta2)
@@ -85,9 +88,8 @@ class StructuralAdam:
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = state["steps"]
-        for mine, theirs in ((self.exp_avg, state["exp_avg"]), (self.exp_avg_sq, state["exp_avg_sq"])):
-            for a, b in zip(mine or [], theirs or []):
-                a.copy_(b)
+        self.exp_avg, self.exp_avg_sq = (None if saved is None else [t.to(p.device) for t, p in zip(saved, self.params)]
+                                         for saved in (state["exp_avg"], state["exp_avg_sq"]))
 
 
 class GBLR(Regularizer):
