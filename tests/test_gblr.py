@@ -398,7 +398,7 @@ def test_eval_mode_masks_match_the_official_computation(sigma):
     mask_out, mask_in = lin.masks()
     for axis, n, got in ((0, 16, mask_out), (1, 13, mask_in)):
         for c in range(lin.n_components):
-            ref = reference_eval_mask(n, float(lin.widths[axis, c]), float(lin.locations[axis, c]), sigma)
+            ref = reference_eval_mask(n, float(lin.widths[axis, c].detach()), float(lin.locations[axis, c].detach()), sigma)
             assert np.abs(got[c].detach().numpy() - ref).max() < 1e-9, (axis, c)
     assert (mask_out[0] == 0).all() and (mask_out[1] == 0).all() and (mask_out[2] != 0).sum() >= 2
     lin.train()  # training mode keeps one-entry widths
