@@ -402,7 +402,7 @@ def test_eval_mode_masks_match_the_official_computation(sigma):
             assert np.abs(got[c].detach().numpy() - ref).max() < 1e-9, (axis, c)
     assert (mask_out[0] == 0).all() and (mask_out[1] == 0).all() and (mask_out[2] != 0).sum() >= 2
     lin.train()  # training mode keeps one-entry widths
-    assert abs(float(lin.masks()[0][0].sum()) - 1.0) < 1e-9  # a one-entry interval: total mass w n = 1
+    assert abs(float(lin.masks()[0][0].detach().sum()) - 1.0) < 1e-9  # a one-entry interval: total mass w n = 1
 
 
 def test_batched_masks_equal_each_layers_own():
