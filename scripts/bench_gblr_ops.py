@@ -1,7 +1,7 @@
 """Ops per training step of GBLR against dense (issue 14 item 4: GBLR within 3x of dense).
 
 Counts every ATen op dispatched during one training step (forward, backward, optimizer step, GBLR's
-after_step) with a TorchDispatchMode counter, after one warm-up step, for VGG16 and ResNet18 at width
+after_step) and the host syncs among them with wgsef.profiling.OpCounter, after one warm-up step, for VGG16 and ResNet18 at width
 0.25 on 16x16 one-channel inputs, batch 8 (op counts do not depend on sizes). Dense and GBLR use the
 project's SGD factory; GBLR its default config (structural Adam, batched masks). Writes
 results/gblr_step_ops.csv (first line: the command).
@@ -17,27 +17,17 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from wgsef.models import build
 from wgsef.optim import sgd
 from wgsef.penalties.base import Regularizer
 from wgsef.penalties.gblr import GBLR
+from wgsef.profiling import OpCounter
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "regularizer" / "gblr.yaml"
 
 
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
-def step_ops(model, regularizer, x, y) -> int:
+def step_ops(model, regularizer, x, y) -> tuple[int, int]:
     opt = sgd(model, regularizer, lr=0.01)
 
     def step():
@@ -50,7 +40,7 @@ def step_ops(model, regularizer, x, y) -> int:
     step()
     with OpCounter() as counter:
         step()
-    return counter.ops
+    return counter.ops, counter.syncs
 
 
 def main() -> None:
@@ -64,11 +54,11 @@ def main() -> None:
     for name in ("vgg16", "resnet18"):
         def make():
             return build(name, num_classes=10, in_channels=1, image_size=16, width=0.25)
-        dense = step_ops(make(), Regularizer(), x, y)
+        dense, dense_syncs = step_ops(make(), Regularizer(), x, y)
         reg = GBLR(**options)
-        gblr = step_ops(reg.attach(make(), x[:2]), reg, x, y)
+        gblr, gblr_syncs = step_ops(reg.attach(make(), x[:2]), reg, x, y)
         rows.append({"model": name, "gblr_layers": len(reg.layers), "dense_ops": dense, "gblr_ops": gblr,
-                     "ratio": round(gblr / dense, 2)})
+                     "ratio": round(gblr / dense, 2), "dense_syncs": dense_syncs, "gblr_syncs": gblr_syncs})
         print(rows[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
