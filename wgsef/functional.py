@@ -112,12 +112,15 @@ class Scopes:
 
 def sort_max(device: torch.device) -> int:
     """Largest scope that "auto" solves by sorting. CPU: up to _select.SMALL groups the linear search is a
-    sort itself, beyond it the faster one (results/prox_scaling.csv). CUDA: a sort costs no host syncs and
-    beats the linear search (a few syncs per round) up to millions of groups (results/prox_cuda.md)."""
+    sort itself, beyond it the faster one (results/prox_scaling.csv). CUDA: the sort makes the host wait
+    for nothing, while the linear search waits a few times per round; a GPU sort of 2 x 2^20 breakpoints
+    takes a fraction of a millisecond, so up to CUDA_SORT_MAX groups the sort is the choice, and above it
+    (large unstructured scopes) the O(n) search, whose waits then cost little next to its work. The bound
+    is a reasoned default, not yet measured: `bench_prox.py --device cuda` times both paths."""
     return CUDA_SORT_MAX if device.type == "cuda" else SMALL
 
 
-CUDA_SORT_MAX = 1 << 22
+CUDA_SORT_MAX = 1 << 20
 
 
 class _Padded:
@@ -176,7 +179,7 @@ def _roots(s: Tensor, b: Tensor, scopes: Scopes) -> Tensor:
         si, bi = s[lo:hi], (b if b.dim() == 0 else b[lo:hi])
         keep = si > 0  # the linear search is host-driven anyway: drop the groups that never leave 0
         si, bi = si[keep], (bi if bi.dim() == 0 else bi[keep])
-        out[lo:hi] = math.inf if si.numel() <= k else solve_linear(si, bi, k)
+        out[lo:hi] = math.inf if si.numel() <= k else 0.0 if k == 0 else solve_linear(si, bi, k)
     return out
 
 
