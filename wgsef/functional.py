@@ -159,41 +159,51 @@ def _scaled(a: Tensor, d: Tensor | None) -> Tensor:
     return a if d is None else a * d.sqrt()
 
 
-def _roots(s: Tensor, b: Tensor, scopes: Scopes) -> Tensor:
-    """Per group (float64), the gamma of its scope with sum_j clip(gamma s_j - b_j, 0, 1) = k (b_j > 0 where
-    s_j = 0, or b = 0); +inf for a scope with at most k groups of s_j > 0 (every such group saturates)."""
+def _per_scope(s: Tensor, b: Tensor | None, scopes: Scopes, finish) -> Tensor:
+    """finish(gamma) of every scope, spread over its groups (for a single scope, a 1-element tensor that
+    broadcasts). gamma (float64, one per scope) solves sum_j clip(gamma s_j - b_j, 0, 1) = k (b_j > 0 where
+    s_j = 0, or b = None for b = 0), and is +inf where the scope has at most k groups with s_j > 0."""
     lay = scopes.padded(s.device)
+    drop_zeros = b is None  # with b = 0 a zero group's breakpoints are 0 / 0: leave such groups out
+    b = s.new_zeros(()) if b is None else b
     if lay.rows:
         sp = lay.pad(s)
         gamma = solve_sorted(sp, b if b.dim() == 0 else lay.pad(b), lay.k)
-        gamma = gamma.masked_fill_((sp > 0).sum(-1) <= lay.k, math.inf)
-        sorted_part = lay.per_group(gamma)
+        rows = finish(gamma.masked_fill_((sp > 0).sum(-1) <= lay.k, math.inf))
         if len(lay.rows) == len(scopes.sizes):
-            return sorted_part
-    out = s.new_empty(len(scopes), dtype=torch.float64)
-    if lay.rows:
-        out.index_copy_(0, lay.select, sorted_part)
+            return rows if len(lay.rows) == 1 else lay.per_group(rows)
+    linear = []  # the other scopes: the linear search, host-driven, one by one
     for i, (lo, hi, k) in enumerate(zip(scopes.bounds[:-1], scopes.bounds[1:], scopes.ks)):
         if i in lay.rows:
             continue
         si, bi = s[lo:hi], (b if b.dim() == 0 else b[lo:hi])
-        keep = si > 0  # the linear search is host-driven anyway: drop the groups that never leave 0
-        si, bi = si[keep], (bi if bi.dim() == 0 else bi[keep])
-        out[lo:hi] = math.inf if si.numel() <= k else 0.0 if k == 0 else solve_linear(si, bi, k)
+        nonzero = int(torch.count_nonzero(si))
+        if drop_zeros and nonzero < si.numel():
+            keep = si > 0
+            si, bi = si[keep], (bi if bi.dim() == 0 else bi[keep])
+        linear.append(math.inf if nonzero <= k else 0.0 if k == 0 else solve_linear(si, bi, k))
+    linear = finish(s.new_tensor(linear, dtype=torch.float64))
+    if len(scopes.sizes) == 1:
+        return linear
+    out = linear.new_empty(len(scopes))
+    if lay.rows:
+        out.index_copy_(0, lay.select, lay.per_group(rows))
+    for value, i in zip(linear, (i for i in range(len(scopes.sizes)) if i not in lay.rows)):
+        out[scopes.bounds[i]:scopes.bounds[i + 1]] = value
     return out
 
 
 def _tail_means(v: Tensor, scopes: Scopes) -> Tensor:
     """Per group, the threshold T of its scope's value formula: sum_j min(1, v_j / T) = k over v_j > 0;
-    0 if the scope has at most k nonzero groups."""
-    return _roots(v, v.new_zeros(()), scopes).reciprocal()
+    0 if the scope has at most k nonzero groups (T = 1 / gamma)."""
+    return _per_scope(v, None, scopes, lambda gamma: gamma.reciprocal().to(v.dtype))
 
 
 def _value(a: Tensor, d: Tensor | None, scopes: Scopes) -> Tensor:
     """Sum over scopes of WGSEF (no input checks): 1/2 sum_j v_j max(v_j, T_j), differentiable in a and d."""
     v = _scaled(a, d)
     with torch.no_grad():
-        m = torch.maximum(v.detach(), _tail_means(v.detach(), scopes).to(v.dtype))  # max(v, T) = v / t
+        m = torch.maximum(v.detach(), _tail_means(v.detach(), scopes))  # max(v, T) = v / t
     # sum (v - v/2) m = 1/2 sum v max(v, T) is the value; holding m fixed, autograd gives m = max(v, T)
     return ((v - 0.5 * v.detach()) * m).sum(dtype=torch.float64).to(a.dtype)
 
@@ -202,11 +212,17 @@ def _value(a: Tensor, d: Tensor | None, scopes: Scopes) -> Tensor:
 def _grad_coeffs(a: Tensor, d: Tensor | None, scopes: Scopes) -> Tensor:
     """c_j = sqrt(d_j) max(v_j, T) / a_j on nonzero groups, 0 on zero groups (no input checks)."""
     v = _scaled(a, d)
-    T = _tail_means(v, scopes).to(v.dtype)
-    c = torch.div(T, v).clamp_(min=1)  # T / v, not v.reciprocal() * T: 0 * inf would be nan
+    c = torch.div(_tail_means(v, scopes), v).clamp_(min=1)  # T / v, not v.reciprocal() * T: 0 * inf is nan
     if d is not None:
         c *= d
     return torch.where(a > 0, c.clamp_(max=torch.finfo(c.dtype).max), 0)  # finite for subnormal norms
+
+
+def _prox_gamma(gamma: Tensor, dtype: torch.dtype) -> Tensor:
+    """gamma in the norms' dtype: finite (for subnormal norms, so that 0 * gamma = 0), except +inf, which
+    marks a scope with at most k nonzero groups (theta = 1 on them: the ridge shrink by 1 / (1 + b))."""
+    finite = gamma.clamp(max=torch.finfo(dtype).max)
+    return torch.where(gamma == math.inf, gamma, finite).to(dtype)
 
 
 @torch.no_grad()
@@ -217,11 +233,10 @@ def _prox(a: Tensor, mu: float, d: Tensor | None, scopes: Scopes) -> Tensor:
         return a.clone()
     b = torch.full((), mu, dtype=a.dtype, device=a.device) if d is None else mu * d
     s = _scaled(a, d)
-    gamma = _roots(s, b, scopes)  # zero groups (s = 0 < b) stay at theta = 0 in the search
-    ridge = gamma == math.inf  # at most k nonzero groups: theta = 1, every group shrunk by 1 / (1 + b)
-    gamma = gamma.clamp(max=torch.finfo(a.dtype).max).to(a.dtype)  # finite for subnormal norms: 0 * gamma = 0
-    theta = torch.mul(s, gamma).sub_(b).clamp_(0, 1).masked_fill_(ridge, 1)
-    return torch.where(theta > 0, (a * theta).div_(theta + b), 0)  # (b may underflow to 0 in float32)
+    gamma = _per_scope(s, b, scopes, lambda g: _prox_gamma(g, a.dtype))  # zero groups stay at theta = 0
+    theta = torch.mul(s, gamma).sub_(b).clamp_(0, 1)
+    # NaN only where the answer is 0: a zero group of a ridge scope (0 * inf), or theta = b = 0 (b underflow)
+    return (a * theta).div_(theta.add_(b)).nan_to_num_(nan=0.0)
 
 
 def _one_scope(a: Tensor, k, method: str) -> Scopes:
