@@ -361,3 +361,88 @@ def test_cuda_matches_cpu():
             val = wgsef_value(a.cuda(), 30_000, None if w is None else w.cuda(), method=method)
             assert val.is_cuda and val.item() == pytest.approx(wgsef_value(a, 30_000, w).item(), rel=1e-5)
     assert group_lasso_prox(a.cuda(), 0.1).is_cuda
+
+
+# ------------------------------------------------------------------------------ many scopes at once
+def scoped_instance(rng, sizes):
+    """Norms over consecutive scopes of the given sizes (zeros, ties, an all-zero scope now and then),
+    a k per scope from 0 to n, and sometimes weights."""
+    a = np.concatenate([rng.random(n) * 10.0 ** rng.uniform(-1, 1) for n in sizes])
+    if rng.random() < 0.5:
+        a = np.round(a * 3) / 3  # ties
+    a[rng.random(a.size) < 0.2] = 0.0
+    if rng.random() < 0.3:
+        a[: sizes[0]] = 0.0
+    ks = [int(rng.integers(0, n + 1)) for n in sizes]
+    d = rng.uniform(0.2, 3.0, a.size) if rng.random() < 0.5 else None
+    return t64(a), ks, t64(d)
+
+
+def per_scope(fn, a, sizes, ks, d):
+    bounds = np.cumsum([0, *sizes])
+    return [fn(a[lo:hi], k, None if d is None else d[lo:hi]) for lo, hi, k in zip(bounds[:-1], bounds[1:], ks)]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_batched_scopes_match_the_functional_per_scope(method):
+    """One call over many scopes (padded rows, and on the CPU the linear search for a scope above SMALL
+    groups) against the public functions called scope by scope with both root searches; a scope with
+    k = 0 (refused by the public functions) must come out zero."""
+    rng = np.random.default_rng(12)
+    shapes = [[1], [5], [1, 1, 1], [3, 1, 7, 2], [50, 1, 300, 4, 4], [2, _select.SMALL + 5000, 1, 40]]
+    for trial in range(40):
+        sizes = shapes[trial % len(shapes)]
+        a, ks, d = scoped_instance(rng, sizes)
+        scopes = F.Scopes(sizes, ks, method)
+        mu = float(10 ** rng.uniform(-3, 1))
+        for ref_method in ("vectorised", "linear"):
+            def prox(ai, k, di):
+                return torch.zeros_like(ai) if k == 0 else wgsef_prox(ai, k, mu, di, method=ref_method)
+
+            def coeffs(ai, k, di):
+                return wgsef_grad_coeffs(ai, k, di, method=ref_method)
+
+            got, ref = F._prox(a, mu, d, scopes), torch.cat(per_scope(prox, a, sizes, ks, d))
+            torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12 * max(1.0, a.max().item()))
+            if 0 in ks:
+                continue
+            value = sum(per_scope(lambda ai, k, di: wgsef_value(ai, k, di, method=ref_method), a, sizes, ks, d))
+            torch.testing.assert_close(F._value(a, d, scopes), value, rtol=1e-9, atol=0)
+            torch.testing.assert_close(F._grad_coeffs(a, d, scopes), torch.cat(per_scope(coeffs, a, sizes, ks, d)),
+                                       rtol=1e-9, atol=0)
+
+
+def test_batched_scopes_k_zero_and_k_n():
+    """k = 0 keeps no group (the prox of the indicator of zero); k = n is the ridge shrink."""
+    a = t64([3.0, 0.0, 1.0, 2.0, 0.5, 4.0])
+    scopes = F.Scopes([2, 4], [0, 4], "vectorised")
+    assert torch.equal(F._prox(a, 0.5, None, scopes), torch.cat([torch.zeros(2, dtype=torch.float64), a[2:] / 1.5]))
+    assert torch.equal(F._prox(a, 0.5, None, F.Scopes([6], [6], "auto")), a / 1.5)
+
+
+def test_sorted_scopes_take_a_fixed_number_of_ops_and_no_host_sync():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def ops(sizes):
+        g = torch.Generator().manual_seed(len(sizes))
+        a, d = torch.rand(sum(sizes), generator=g), torch.rand(sum(sizes), generator=g) + 0.5
+        scopes = F.Scopes(sizes, [max(1, n // 3) for n in sizes])
+        F._prox(a, 0.1, d, scopes)  # first use builds the index tensors
+        with Count() as c:
+            F._prox(a, 0.1, d, scopes)
+            F._grad_coeffs(a, d, scopes)
+            F._value(a, d, scopes)
+        return c.ops
+
+    few, many = ops([64, 128, 3]), ops([64, 128, 3, 512, 7] * 8)
+    assert len(few) == len(many) < 300
+    assert not {"_local_scalar_dense", "nonzero", "is_nonzero", "equal"} & set(many)

@@ -76,7 +76,8 @@ def test_prox_zeroes_exactly_small_groups_and_never_flips_signs():
     before = [x.clone() for x in group_vectors(*params)]
     w = torch.tensor([len(x) ** 0.5 for x in before], dtype=torch.float64)
     norms = torch.stack([x.norm() for x in before])
-    mu = float((norms / w).median())  # about half the groups fall below the threshold
+    ratios = (norms / w).sort().values  # mu halfway between two ratios: about half the groups fall below
+    mu = float(ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2  # and none sits at the threshold
     penalty(groups).prox_(lr=mu)
     after = group_vectors(*params)
     small = norms <= mu * w

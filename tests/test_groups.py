@@ -215,3 +215,70 @@ def test_mobilenet_chain_group_zeroes_pointwise_and_depthwise():
     out = channel_outputs(net, ["features.3.4", "features.4.1"], X16)  # the two BatchNorms, before ReLU
     assert (out["features.3.4"][:, 3] == 0).all() and (out["features.4.1"][:, 3] == 0).all()
     assert (out["features.4.1"][:, 2] != 0).any()
+
+
+# ------------------------------------------------------------------------------- batched group operations
+def member_rows(m, t):
+    """`t` (shaped like m's parameter) as (n_groups, group_size), the reference slicing of a member."""
+    rest = [a for a in range(len(m.shape)) if a not in m.group_axes]
+    return t.reshape(m.shape).permute(*m.group_axes, *rest).reshape(m.n_groups, -1)
+
+
+def reference_dots(groups, tensors):
+    """Per group, sum over its members of <tensors[param] rows, param rows>, block by block."""
+    return torch.cat([sum((member_rows(m, m.param.detach()) * member_rows(m, tensors[m.param])).sum(1)
+                          for m in b.members) for b in groups.blocks])
+
+
+@pytest.mark.filterwarnings("ignore:block groups")  # ResNet18's stem conv does not tile into 2x2 blocks
+@pytest.mark.parametrize("scheme", SCHEMES + ("depth", "block"))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batched_norms_dots_and_scaling_match_member_slices(scheme, channels_last):
+    net = build("resnet18", 10, 3, 16, width=0.25)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    groups = build_groups(net, scheme, torch.randn(2, 3, 16, 16), block=(2, 2) if scheme == "block" else None)
+    params = groups.params()
+    with torch.no_grad():
+        params[0].zero_()  # zero groups must give norms of exactly zero
+    sq = reference_dots(groups, {p: p.detach() for p in params})
+    assert torch.allclose(groups.sq_norms(), sq, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(groups.norms(), sq.sqrt(), rtol=1e-5, atol=1e-7)
+    other = {p: torch.randn_like(p) for p in params}
+    assert torch.allclose(groups.dots(other), reference_dots(groups, other), rtol=1e-4, atol=1e-5)
+    missing = dict(other)
+    del missing[params[-1]]  # a parameter without an entry contributes 0
+    ref = reference_dots(groups, {**missing, params[-1]: torch.zeros_like(params[-1])})
+    assert torch.allclose(groups.dots(missing), ref, rtol=1e-4, atol=1e-5)
+    f = torch.rand(len(groups))
+    expected = [member_rows(m, m.param.detach()) * f[lo:lo + m.n_groups, None]
+                for b, lo in zip(groups.blocks, groups._bounds) for m in b.members]
+    scaled = dict(zip(map(id, params), groups.scaled(f)))
+    groups.scale_(f)
+    members = [m for b in groups.blocks for m in b.members]
+    for m, e in zip(members, expected):
+        assert torch.allclose(member_rows(m, m.param.detach()), e, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(member_rows(m, scaled[id(m.param)]), e, rtol=1e-6, atol=1e-7)
+
+
+def test_batched_ops_do_not_grow_with_the_number_of_layers():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(net, x):
+        groups = build_groups(net, "filter", x)
+        groups.scale_(torch.ones(len(groups)))  # first use builds the layout
+        factors = torch.rand(len(groups))
+        Count.n = 0
+        with Count():
+            groups.scale_(factors * groups.norms())
+        return Count.n, len(groups.params())
+
+    (small, small_params), (large, large_params) = ops(small_net(), X8), ops(model("resnet18"), X16)
+    assert large_params > 3 * small_params and large == small <= 12

@@ -9,7 +9,8 @@ and hi_j = (1 + b_j) / s_j (theta_j reaches 1). On an interval (L, R) holding no
 the group is *saturated* (hi_j <= L, theta = 1), *zero* (lo_j >= R) or *linear* (theta = gamma s_j - b_j),
 so S(gamma) = c0 + c1 * gamma + (sum over the groups with a breakpoint inside).
 
-`solve_sorted` sorts the 2m breakpoints (O(m log m)). `solve_linear` is Kiwiel's breakpoint search:
+`solve_sorted` sorts the 2m breakpoints (O(m log m)), for many problems at once (the rows of a padded
+matrix) and without a host sync, so it is the path for many small scopes and for CUDA. `solve_linear` is Kiwiel's breakpoint search:
 it keeps an interval (L, R) around the root and running sums c0, c1 of the groups already fixed on it,
 and each round is one vectorised O(m) pass over the m groups that still have a breakpoint inside.
 Pivots come from a random sample (solve the sampled problem, then bracket its root by a few standard
@@ -40,37 +41,39 @@ def _theta_sum(s: Tensor, b: Tensor, gamma: float) -> float:
     return (gamma * s - b).clamp_(0, 1).sum(dtype=torch.float64).item()
 
 
-def _root(c0: float, c1: float, k: float, left: float, right: float) -> float:
-    """Root of c0 + c1 * g = k in [left, right]; the middle when the piece is flat (S = k on all of it)."""
-    right = max(right, left)
-    if c1 > 0:
-        return min(max((k - c0) / c1, left), right)
-    return (left + right) / 2 if right < math.inf else left
+def solve_sorted(s: Tensor, b: Tensor, k, c0: float = 0.0, c1: float = 0.0, w: float = 1.0,
+                 lower: float = 0.0, upper: float = math.inf) -> Tensor:
+    """Root in [lower, upper] of c0 + c1 g + w * sum_j clip(g s_j - b_j, 0, 1) = k, by sorting breakpoints;
+    for every row of s at once, without a host sync.
 
-
-def solve_sorted(s: Tensor, b: Tensor, k: float, c0: float = 0.0, c1: float = 0.0, w: float = 1.0,
-                 lower: float = 0.0, upper: float = math.inf) -> float:
-    """Root in [lower, upper] of c0 + c1 g + w * sum_j clip(g s_j - b_j, 0, 1) = k, by sorting breakpoints.
-
-    Each breakpoint changes the slope and intercept of the sum; cumulative sums (float64) give S at every
-    breakpoint, the first one with S >= k ends the piece that holds the root.
+    s: (..., m), each row one problem; entries with s = 0 never leave theta = 0 (zero groups, padding).
+    b: broadcastable to s. k: a number or a tensor of shape s.shape[:-1]. Returns the roots as a float64
+    tensor of shape s.shape[:-1]. Each breakpoint changes the slope and intercept of the sum; cumulative
+    sums (float64) give S at every breakpoint, the first one with S >= k ends the piece that holds the root.
     """
-    keep = s > 0  # groups with s = 0 never leave theta = 0
-    if not bool(keep.all()):
-        s, b = s[keep], (b if b.dim() == 0 else b[keep])
+    if s.shape[-1] == 0:  # no groups left (the linear search's endgame): one padding entry keeps the shapes
+        s, b = s.new_zeros((*s.shape[:-1], 1)), b if b.dim() == 0 else b.new_zeros(())
+    valid = s > 0
     lo, hi = breakpoints(s, b)
-    t, order = torch.sort(torch.cat([lo, hi]))
+    t, order = torch.sort(torch.cat([lo.masked_fill(~valid, math.inf), hi.masked_fill(~valid, math.inf)], -1), -1)
     ws = (w * s).double()
-    wb = (w * b).double().expand_as(ws)
-    slope = torch.cat([ws, -ws])[order].cumsum(0).add_(c1)
-    cept = torch.cat([-wb, w + wb])[order].cumsum(0).add_(c0)
-    i = int(torch.count_nonzero(cept + slope * t.double() < k))
-    if i > 0:
-        c0, c1 = cept[i - 1].item(), slope[i - 1].item()
-        lower = max(lower, t[i - 1].item())
-    if i < t.numel():
-        upper = min(upper, t[i].item())
-    return _root(c0, c1, k, lower, upper)
+    wb = torch.where(valid, (w * b).double(), 0.0)
+    slope = torch.cat([ws, -ws], -1).gather(-1, order).cumsum(-1).add_(c1)
+    cept = torch.cat([-wb, torch.where(valid, wb + w, 0.0)], -1).gather(-1, order).cumsum(-1).add_(c0)
+    t64 = t.double()
+    if isinstance(k, Tensor):
+        k = k.unsqueeze(-1)
+    i = ((cept + slope * t64 < k) & (t64 < math.inf)).sum(-1, keepdim=True)  # pieces wholly below k
+    prev, has_prev = (i - 1).clamp_(min=0), i > 0
+    c0 = torch.where(has_prev, cept.gather(-1, prev), c0)
+    c1 = torch.where(has_prev, slope.gather(-1, prev), c1)
+    left = torch.where(has_prev, t64.gather(-1, prev).clamp(min=lower), lower)
+    right = t64.gather(-1, i.clamp(max=t.shape[-1] - 1)).clamp(max=upper)
+    right = torch.maximum(torch.where(i < t.shape[-1], right, upper), left)
+    # the root of c0 + c1 g = k on [left, right]; the middle when the piece is flat (S = k on all of it)
+    sloped = torch.minimum(torch.maximum((k - c0) / c1, left), right)
+    flat = torch.where(right < math.inf, (left + right) / 2, left)
+    return torch.where(c1 > 0, sloped, flat).squeeze(-1)
 
 
 def _classify(s: Tensor, b: Tensor, L: float, R: float, chunk: int):
@@ -118,7 +121,7 @@ def _sample_pivots(s, b, k, c0, c1, L, R, size, gen) -> tuple[float, float] | No
     size = min(size, max(m // 16, 64))  # the sample's sorts stay a small part of the round
     idx = torch.randint(m, (size,), generator=gen, device=s.device)
     ss, bs = s[idx], (b if b.dim() == 0 else b[idx])
-    g = solve_sorted(ss, bs, k, c0, c1, m / size, L, R)
+    g = solve_sorted(ss, bs, k, c0, c1, m / size, L, R).item()
     t = torch.sort(_inside(ss, bs, L, R)).values  # only groups with s = 0 have none
     if t.numel() == 0:
         return None
@@ -182,4 +185,4 @@ def solve_linear(s: Tensor, b: Tensor, k: float, *, sample: int = SAMPLE, small:
         c0, c1, s, b = c0 + d0, c1 + d1, s_mid, b_mid
         left = _inside(s, b, L, R).numel()
         inside, use_mom = left, left > inside / 2
-    return solve_sorted(s, b, k, c0, c1, 1.0, L, R)
+    return solve_sorted(s, b, k, c0, c1, 1.0, L, R).item()

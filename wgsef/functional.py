@@ -10,7 +10,12 @@ The minimiser is t_j = min(1, v_j / T) for a threshold T (the tail mean; T = 0 w
 nonzero), so WGSEF = 1/2 sum_j v_j max(v_j, T). T and the prox both come from one root search
 (wgsef._select): S(gamma) = sum_j clip(gamma s_j - b_j, 0, 1) = k, with b = 0, T = 1 / gamma for the
 value and s = v, b = mu d for the prox. method="linear" is the O(n) breakpoint search, "vectorised"
-sorts the 2n breakpoints, "auto" (the default) is the linear one (see _gamma).
+sorts the 2n breakpoints, "auto" (the default) sorts small scopes and CUDA scopes up to millions of
+groups, and runs the linear search on the others (see sort_max).
+
+The public functions check their input (which makes the host wait for the device); the training path
+calls the unchecked versions (_value, _grad_coeffs, _prox, _group_lasso_*) on many scopes at once
+(`Scopes`): a penalty with one scope per layer solves all of them together, in a fixed number of ops.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from wgsef._select import solve_linear, solve_sorted
+from wgsef._select import SMALL, solve_linear, solve_sorted
 
 METHODS = ("auto", "linear", "vectorised")
 
@@ -75,27 +80,169 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
+# ---------------------------------------------------------------------------------------------- scopes
+class Scopes:
+    """Consecutive scopes of a group vector: scope i is a[bounds[i]:bounds[i + 1]], with its own k_i.
+
+    Scopes solved by sorting ("vectorised", and "auto" for scopes up to `sort_max(device)` groups) are
+    padded into one (scopes, largest scope) matrix and solved together in a fixed number of ops without a
+    host sync; the others run the linear-time search one by one (the host waits for each: fine on the CPU,
+    where it is the fast path for large unstructured scopes). Index tensors are built once per device.
+    """
+
+    def __init__(self, sizes: list[int], ks: list[int], method: str = "auto"):
+        self.sizes, self.ks, self.method = [int(n) for n in sizes], [int(k) for k in ks], method
+        self.bounds = [0]
+        for n in self.sizes:
+            self.bounds.append(self.bounds[-1] + n)
+        self._layouts: dict[torch.device, _Padded] = {}
+
+    def __len__(self) -> int:
+        return self.bounds[-1]
+
+    def sorts(self, i: int, device: torch.device) -> bool:
+        return self.method == "vectorised" or self.method == "auto" and self.sizes[i] <= sort_max(device)
+
+    def padded(self, device: torch.device) -> "_Padded":
+        if device not in self._layouts:
+            self._layouts[device] = _Padded(self, [i for i in range(len(self.sizes)) if self.sorts(i, device)],
+                                            device)
+        return self._layouts[device]
+
+
+def sort_max(device: torch.device) -> int:
+    """Largest scope that "auto" solves by sorting. CPU: up to _select.SMALL groups the linear search is a
+    sort itself, beyond it the faster one (results/prox_scaling.csv). CUDA: the sort makes the host wait
+    for nothing, while the linear search waits a few times per round; a GPU sort of 2 x 2^20 breakpoints
+    takes a fraction of a millisecond, so up to CUDA_SORT_MAX groups the sort is the choice, and above it
+    (large unstructured scopes) the O(n) search, whose waits then cost little next to its work. The bound
+    is a reasoned default, not yet measured: `bench_prox.py --device cuda` times both paths."""
+    return CUDA_SORT_MAX if device.type == "cuda" else SMALL
+
+
+CUDA_SORT_MAX = 1 << 20
+
+
+class _Padded:
+    """The sorted scopes of a Scopes as rows of a zero-padded (rows, m) matrix, on one device."""
+
+    def __init__(self, scopes: Scopes, rows: list[int], device: torch.device):
+        self.rows = rows
+        sizes = [scopes.sizes[i] for i in rows]
+        self.m = max(sizes, default=0)
+        ks = [scopes.ks[i] for i in rows]
+        self.k = float(ks[0]) if len(rows) == 1 else torch.tensor(ks, dtype=torch.float64, device=device)
+        ranges = [torch.arange(scopes.bounds[i], scopes.bounds[i + 1]) for i in rows]
+        everything = len(rows) == len(scopes.sizes)
+        self.select = None if everything or not rows else torch.cat(ranges).to(device)
+        row = torch.cat([torch.full((n,), r) for r, n in enumerate(sizes)]) if rows else torch.zeros(0, dtype=torch.long)
+        self.row = None if len(rows) <= 1 else row.to(device)
+        col = torch.cat([torch.arange(n) for n in sizes]) if rows else row
+        self.place = None if all(n == self.m for n in sizes) else (row * self.m + col).to(device)
+
+    def pad(self, x: Tensor) -> Tensor:
+        """The groups of the sorted scopes as a (rows, m) matrix, zero-padded."""
+        if self.select is not None:
+            x = x.index_select(0, self.select)
+        if self.place is None:
+            return x.view(len(self.rows), self.m)
+        return x.new_zeros(len(self.rows) * self.m).index_copy_(0, self.place, x).view(len(self.rows), self.m)
+
+    def per_group(self, per_row: Tensor) -> Tensor:
+        """A value per row spread over the row's groups (in the order of `select`)."""
+        return per_row.expand(self.m) if self.row is None else per_row.index_select(0, self.row)
+
+
 # ---------------------------------------------------------------------------------------------- WGSEF
 def _scaled(a: Tensor, d: Tensor | None) -> Tensor:
     """v = sqrt(d) * a."""
     return a if d is None else a * d.sqrt()
 
 
-def _gamma(s: Tensor, b: Tensor, k: int, method: str) -> float:
-    """Root of sum_j clip(gamma s_j - b_j, 0, 1) = k for k < #{s_j > 0} (b_j > 0 where s_j = 0).
+def _per_scope(s: Tensor, b: Tensor | None, scopes: Scopes, finish) -> Tensor:
+    """finish(gamma) of every scope, spread over its groups (for a single scope, a 1-element tensor that
+    broadcasts). gamma (float64, one per scope) solves sum_j clip(gamma s_j - b_j, 0, 1) = k (b_j > 0 where
+    s_j = 0, or b = None for b = 0), and is +inf where the scope has at most k groups with s_j > 0."""
+    lay = scopes.padded(s.device)
+    drop_zeros = b is None  # with b = 0 a zero group's breakpoints are 0 / 0: leave such groups out
+    b = s.new_zeros(()) if b is None else b
+    if lay.rows:
+        sp = lay.pad(s)
+        gamma = solve_sorted(sp, b if b.dim() == 0 else lay.pad(b), lay.k)
+        rows = finish(gamma.masked_fill_((sp > 0).sum(-1) <= lay.k, math.inf))
+        if len(lay.rows) == len(scopes.sizes):
+            return rows if len(lay.rows) == 1 else lay.per_group(rows)
+    linear = []  # the other scopes: the linear search, host-driven, one by one
+    for i, (lo, hi, k) in enumerate(zip(scopes.bounds[:-1], scopes.bounds[1:], scopes.ks)):
+        if i in lay.rows:
+            continue
+        si, bi = s[lo:hi], (b if b.dim() == 0 else b[lo:hi])
+        nonzero = int(torch.count_nonzero(si))
+        if drop_zeros and nonzero < si.numel():
+            keep = si > 0
+            si, bi = si[keep], (bi if bi.dim() == 0 else bi[keep])
+        linear.append(math.inf if nonzero <= k else 0.0 if k == 0 else solve_linear(si, bi, k))
+    linear = finish(s.new_tensor(linear, dtype=torch.float64))
+    if len(scopes.sizes) == 1:
+        return linear
+    out = linear.new_empty(len(scopes))
+    if lay.rows:
+        out.index_copy_(0, lay.select, lay.per_group(rows))
+    for value, i in zip(linear, (i for i in range(len(scopes.sizes)) if i not in lay.rows)):
+        out[scopes.bounds[i]:scopes.bounds[i + 1]] = value
+    return out
 
-    "auto" is the linear search: up to _select.SMALL groups it is the sort itself, and from 1e4 groups
-    on it is the faster one (CPU, results/prox_scaling.csv: 1.4 vs 1.8 ms at 1e4, 0.2 vs 4.4 s at 1e7).
-    """
-    return (solve_sorted if method == "vectorised" else solve_linear)(s, b, k)
+
+def _tail_means(v: Tensor, scopes: Scopes) -> Tensor:
+    """Per group, the threshold T of its scope's value formula: sum_j min(1, v_j / T) = k over v_j > 0;
+    0 if the scope has at most k nonzero groups (T = 1 / gamma)."""
+    return _per_scope(v, None, scopes, lambda gamma: gamma.reciprocal().to(v.dtype))
+
+
+def _value(a: Tensor, d: Tensor | None, scopes: Scopes) -> Tensor:
+    """Sum over scopes of WGSEF (no input checks): 1/2 sum_j v_j max(v_j, T_j), differentiable in a and d."""
+    v = _scaled(a, d)
+    with torch.no_grad():
+        m = torch.maximum(v.detach(), _tail_means(v.detach(), scopes))  # max(v, T) = v / t
+    # sum (v - v/2) m = 1/2 sum v max(v, T) is the value; holding m fixed, autograd gives m = max(v, T)
+    return ((v - 0.5 * v.detach()) * m).sum(dtype=torch.float64).to(a.dtype)
 
 
 @torch.no_grad()
-def _tail_mean(v: Tensor, k: int, method: str) -> float:
-    """The threshold T of the value formula for v > 0: sum_j min(1, v_j / T) = k; 0 if len(v) <= k."""
-    if v.numel() <= k:
-        return 0.0
-    return 1.0 / _gamma(v, v.new_zeros(()), k, method)
+def _grad_coeffs(a: Tensor, d: Tensor | None, scopes: Scopes) -> Tensor:
+    """c_j = sqrt(d_j) max(v_j, T) / a_j on nonzero groups, 0 on zero groups (no input checks)."""
+    v = _scaled(a, d)
+    c = torch.div(_tail_means(v, scopes), v).clamp_(min=1)  # T / v, not v.reciprocal() * T: 0 * inf is nan
+    if d is not None:
+        c *= d
+    return torch.where(a > 0, c.clamp_(max=torch.finfo(c.dtype).max), 0)  # finite for subnormal norms
+
+
+def _prox_gamma(gamma: Tensor, dtype: torch.dtype) -> Tensor:
+    """gamma in the norms' dtype: finite (for subnormal norms, so that 0 * gamma = 0), except +inf, which
+    marks a scope with at most k nonzero groups (theta = 1 on them: the ridge shrink by 1 / (1 + b))."""
+    finite = gamma.clamp(max=torch.finfo(dtype).max)
+    return torch.where(gamma == math.inf, gamma, finite).to(dtype)
+
+
+@torch.no_grad()
+def _prox(a: Tensor, mu: float, d: Tensor | None, scopes: Scopes) -> Tensor:
+    """New group norms after the prox of mu * WGSEF on every scope (no input checks, no host sync on the
+    sorted path)."""
+    if mu == 0:
+        return a.clone()
+    b = torch.full((), mu, dtype=a.dtype, device=a.device) if d is None else mu * d
+    s = _scaled(a, d)
+    gamma = _per_scope(s, b, scopes, lambda g: _prox_gamma(g, a.dtype))  # zero groups stay at theta = 0
+    theta = torch.mul(s, gamma).sub_(b).clamp_(0, 1)
+    # NaN only where the answer is 0: a zero group of a ridge scope (0 * inf), or theta = b = 0 (b underflow)
+    return (a * theta).div_(theta.add_(b)).nan_to_num_(nan=0.0)
+
+
+def _one_scope(a: Tensor, k, method: str) -> Scopes:
+    k = _check_k(k, a.numel())
+    _check_method(method)
+    return Scopes([a.numel()], [k], method)
 
 
 def wgsef_value(a: Tensor, k: int, weights=None, method: str = "auto") -> Tensor:
@@ -105,13 +252,7 @@ def wgsef_value(a: Tensor, k: int, weights=None, method: str = "auto") -> Tensor
     """
     _check_norms(a)
     d = _check_weights(a, weights)
-    k = _check_k(k, a.numel())
-    _check_method(method)
-    v = _scaled(a, d)
-    v = v[v > 0]
-    m = torch.clamp(v.detach(), min=_tail_mean(v.detach(), k, method))  # max(v, T) = v / t
-    # sum (v - v/2) m = 1/2 sum v max(v, T) is the value; holding m fixed, autograd gives m = max(v, T)
-    return ((v - 0.5 * v.detach()) * m).sum(dtype=torch.float64).to(a.dtype)
+    return _value(a, d, _one_scope(a, k, method))
 
 
 @torch.no_grad()
@@ -122,14 +263,7 @@ def wgsef_grad_coeffs(a: Tensor, k: int, weights=None, method: str = "auto") -> 
     """
     _check_norms(a)
     d = _check_weights(a, weights)
-    k = _check_k(k, a.numel())
-    _check_method(method)
-    v = _scaled(a, d)
-    T = v.new_tensor(_tail_mean(v[v > 0], k, method))
-    c = torch.div(T, v).clamp_(min=1)  # T / v, not v.reciprocal() * T: 0 * inf would be nan
-    if d is not None:
-        c *= d
-    return torch.where(a > 0, c, 0)
+    return _grad_coeffs(a, d, _one_scope(a, k, method))
 
 
 @torch.no_grad()
@@ -142,27 +276,18 @@ def wgsef_prox(a: Tensor, k: int, mu: float, weights=None, method: str = "auto")
     """
     _check_norms(a)
     d = _check_weights(a, weights)
-    k = _check_k(k, a.numel())
-    mu = _check_mu(mu)
-    _check_method(method)
-    b = a.new_tensor(mu) if d is None else mu * d
-    if mu == 0 or b.dim() == 0 and b == 0:  # (mu may underflow in float32)
-        return a.clone()
-    nonzero = int(torch.count_nonzero(a))
-    if nonzero <= k:
-        return a / (1 + b)
-    s = _scaled(a, d)
-    gamma = _gamma(s, b, k, method)  # zero groups (s = 0 < b) stay at theta = 0 in the search
-    gamma = min(gamma, torch.finfo(a.dtype).max)  # finite even for subnormal norms, so 0 * gamma = 0
-    theta = torch.mul(s, gamma).sub_(b).clamp_(0, 1)
-    return (a * theta).div_(theta.add_(b))
+    scopes = _one_scope(a, k, method)
+    return _prox(a, _check_mu(mu), d, scopes)
 
 
 # ----------------------------------------------------------------------------------------- group lasso
 def group_lasso_value(a: Tensor, weights=None) -> Tensor:
     """sum_j w_j a_j (norms not squared), as a 0-dim tensor."""
     _check_norms(a)
-    w = _check_weights(a, weights)
+    return _group_lasso_value(a, _check_weights(a, weights))
+
+
+def _group_lasso_value(a: Tensor, w: Tensor | None) -> Tensor:
     wa = a if w is None else w * a
     return wa.sum(dtype=torch.float64).to(a.dtype)
 
@@ -172,5 +297,9 @@ def group_lasso_prox(a: Tensor, mu: float, weights=None) -> Tensor:
     """Block soft-threshold on the norms: max(0, a_j - mu w_j)."""
     _check_norms(a)
     w = _check_weights(a, weights)
-    mu = _check_mu(mu)
+    return _group_lasso_prox(a, _check_mu(mu), w)
+
+
+@torch.no_grad()
+def _group_lasso_prox(a: Tensor, mu: float, w: Tensor | None) -> Tensor:
     return (a - (mu if w is None else mu * w)).clamp_(min=0)

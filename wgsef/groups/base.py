@@ -6,11 +6,19 @@ shape groups are the same view with group axis 1; block groups are (O/r, r, C/c,
 A *block* is a set of n groups made of one or more members that share the group index (a filter group
 is the conv filter plus its bias and BatchNorm gamma/beta; a residual-coupled channel spans several
 layers). A *GroupSet* concatenates blocks; every operation works on the vector of all group norms.
+
+The GroupSet's per-step operations (norms, dots, scaling) touch all parameters in a few batched ops,
+whatever the number of layers: on first use on a device it builds the group id of every parameter entry
+(in the parameters' logical row-major order, concatenated), a reduction plan from entries to groups and a
+flat scratch buffer with one view per parameter; then `torch._foreach_*` ops copy or scale all parameters
+at once, and one or two `segment_reduce` calls sum entries into groups. Nothing is rebuilt per step and
+nothing waits for the device.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import prod
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -38,29 +46,20 @@ class Member:
     def group_size(self) -> int:
         return self.param.numel() // self.n_groups
 
-    def _rows(self, t: Tensor) -> Tensor:
-        """`t` (shaped like the parameter) as (n_groups, group_size)."""
-        rest = [a for a in range(len(self.shape)) if a not in self.group_axes]
-        return t.reshape(self.shape).permute(*self.group_axes, *rest).reshape(self.n_groups, -1)
+    @property
+    def _group_shape(self) -> list[int]:
+        """`shape` with the non-group axes set to 1 (a per-group tensor broadcast over the view)."""
+        return [self.shape[a] if a in self.group_axes else 1 for a in range(len(self.shape))]
 
-    def sq_norms(self) -> Tensor:
-        return self._rows(self.param.detach()).pow(2).sum(1)
-
-    def dots(self, other: Tensor) -> Tensor:
-        """Per-group inner product of the parameter with `other` (e.g. its gradient)."""
-        return (self._rows(self.param.detach()) * self._rows(other)).sum(1)
-
-    def _broadcast(self, per_group: Tensor) -> Tensor:
-        bshape = [self.shape[a] if a in self.group_axes else 1 for a in range(len(self.shape))]
-        return per_group.to(self.param.dtype).reshape(bshape)
-
-    @torch.no_grad()
-    def scale_(self, factors: Tensor) -> None:
-        self.param.data.view(self.shape).mul_(self._broadcast(factors))
+    def group_ids(self, offset: int) -> Tensor:
+        """The group (offset + row-major group index) of every parameter entry, in row-major order."""
+        ids = torch.arange(offset, offset + self.n_groups).reshape(self._group_shape)
+        return ids.expand(self.shape).reshape(-1)
 
     def expand(self, per_group: Tensor) -> Tensor:
         """A tensor shaped like the parameter holding each group's value on its entries."""
-        return self._broadcast(per_group).expand(self.shape).reshape(self.param.shape)
+        per_group = per_group.to(self.param.dtype).reshape(self._group_shape)
+        return per_group.expand(self.shape).reshape(self.param.shape)
 
 
 @dataclass
@@ -90,16 +89,26 @@ class GroupBlock:
 
 @dataclass
 class GroupSet:
-    """All groups of a model, in block order; group j of the set is a slice of every member of its block."""
+    """All groups of a model, in block order; group j of the set is a slice of every member of its block.
+
+    Each parameter belongs to one member only (an entry is in exactly one group).
+    """
 
     blocks: list[GroupBlock]
     scheme: str = ""
     _bounds: list[int] = field(init=False, repr=False)
+    _params: list[Tensor] = field(init=False, repr=False)
+    _flat: "_Flat | None" = field(init=False, repr=False, default=None)
+    _cache: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self):
         self._bounds = [0]
         for b in self.blocks:
             self._bounds.append(self._bounds[-1] + b.n)
+        members = [m for b in self.blocks for m in b.members]
+        self._params = list({id(m.param): m.param for m in members}.values())
+        if len(self._params) != len(members):
+            raise ValueError("a parameter appears in two members of one group set; each entry must be in one group")
 
     def __len__(self) -> int:
         return self._bounds[-1]
@@ -120,42 +129,125 @@ class GroupSet:
         return torch.cat([b.flops.float() for b in self.blocks])
 
     def params(self) -> list[Tensor]:
-        seen: dict[int, Tensor] = {}
-        for b in self.blocks:
-            for m in b.members:
-                seen.setdefault(id(m.param), m.param)
-        return list(seen.values())
+        return list(self._params)
 
-    def _per_block(self, fn) -> Tensor:
-        return torch.cat([sum(fn(m) for m in b.members) for b in self.blocks])
+    def cached(self, key, like: Tensor, make: Callable[[], Tensor]) -> Tensor:
+        """`make()` (a per-group tensor, built once on the CPU), kept on `like`'s device and dtype: constants
+        such as group sizes or weights are not rebuilt or copied every step."""
+        full = (key, like.device, like.dtype)
+        if full not in self._cache:
+            self._cache[full] = make().to(device=like.device, dtype=like.dtype)
+        return self._cache[full]
 
+    def _layout(self) -> "_Flat":
+        p = self._params[0]
+        if self._flat is None or self._flat.device != p.device or self._flat.dtype != p.dtype:
+            self._flat = _Flat(self, p.device, p.dtype)
+        return self._flat
+
+    @torch.no_grad()
     def sq_norms(self) -> Tensor:
-        return self._per_block(Member.sq_norms)
+        flat = self._layout()
+        torch._foreach_copy_(flat.views, self._params)
+        return flat.reduce(flat.buffer.square_())
 
     def norms(self) -> Tensor:
         """Euclidean norm of every group (plain, not squared)."""
-        return self.sq_norms().sqrt()
+        return self.sq_norms().sqrt_()
 
-    def dots(self, tensors: dict[Tensor, Tensor]) -> Tensor:
-        """Per-group <tensors[param], param>; parameters without an entry contribute 0."""
-        return self._per_block(lambda m: m.dots(tensors[m.param]) if m.param in tensors
-                               else torch.zeros(m.n_groups, device=m.param.device))
+    @torch.no_grad()
+    def dots(self, tensors: dict[Tensor, Tensor] | list[Tensor | None]) -> Tensor:
+        """Per-group <tensors[param], param>; `tensors` maps parameters to tensors of their shape (or is a
+        list in `params()` order); parameters without an entry (or None) contribute 0."""
+        others = [tensors.get(p) for p in self._params] if isinstance(tensors, dict) else list(tensors)
+        flat = self._layout()
+        have = [i for i, t in enumerate(others) if t is not None]
+        if len(have) < len(others):
+            torch._foreach_zero_([v for v, t in zip(flat.views, others) if t is None])
+        if have:
+            products = torch._foreach_mul([self._params[i] for i in have], [others[i] for i in have])
+            torch._foreach_copy_([flat.views[i] for i in have], products)
+        return flat.reduce(flat.buffer)
 
     def grad_dots(self) -> Tensor:
         """Per-group <grad, param>; parameters without a gradient contribute 0."""
-        return self.dots({p: p.grad for p in self.params() if p.grad is not None})
+        return self.dots([p.grad for p in self._params])
 
     def split(self, per_group: Tensor) -> list[Tensor]:
         return [per_group[lo:hi] for lo, hi in zip(self._bounds[:-1], self._bounds[1:])]
 
+    def _check(self, factors: Tensor) -> None:
+        if factors.shape != (len(self),):
+            raise ValueError(f"expected {len(self)} group factors, got shape {tuple(factors.shape)}")
+
+    def _broadcast(self, factors: Tensor) -> list[Tensor]:
+        """Views (of the scratch buffer, valid until the next call) shaped like each parameter, holding
+        each entry's group factor."""
+        flat = self._layout()
+        torch.index_select(factors.to(device=flat.device, dtype=flat.dtype), 0, flat.group_of_entry, out=flat.buffer)
+        return flat.views
+
     @torch.no_grad()
     def scale_(self, factors: Tensor) -> None:
         """Multiply every group by its factor, in place."""
-        if factors.shape != (len(self),):
-            raise ValueError(f"expected {len(self)} group factors, got shape {tuple(factors.shape)}")
-        for b, f in zip(self.blocks, self.split(factors)):
-            for m in b.members:
-                m.scale_(f)
+        self._check(factors)
+        torch._foreach_mul_(self._params, self._broadcast(factors))
+
+    @torch.no_grad()
+    def scaled(self, factors: Tensor) -> list[Tensor]:
+        """New tensors c_g * theta_g, one per parameter in `params()` order (e.g. a penalty's gradient)."""
+        self._check(factors)
+        return torch._foreach_mul(self._params, self._broadcast(factors))
 
     def zero_mask(self, tol: float = 0.0) -> Tensor:
         return self.norms() <= tol
+
+
+class _Flat:
+    """The device-side layout of a GroupSet: a scratch buffer holding every parameter's entries (logical
+    row-major order, parameters concatenated), a view of it per parameter, the group of every entry, and
+    the plan that sums entries into groups.
+
+    Plan: the entries of one group often form a few long contiguous runs (a filter row of the conv weight,
+    then one entry of each BN/bias vector): one segment_reduce sums each run, a second gathers the runs of
+    each group and sums them. If runs are short (shape or channel groups cut across rows) the entries are
+    first gathered into group order, which makes every group one run.
+    """
+
+    def __init__(self, groups: GroupSet, device: torch.device, dtype: torch.dtype):
+        params = groups._params
+        if any(p.device != device for p in params):
+            raise ValueError("the parameters of a group set must all be on one device")
+        self.device, self.dtype = device, dtype
+        member = {id(m.param): (m, lo) for b, lo in zip(groups.blocks, groups._bounds) for m in b.members}
+        gid = torch.cat([member[id(p)][0].group_ids(member[id(p)][1]) for p in params])
+        index = torch.int32 if gid.numel() < 2**31 else torch.long
+        self.group_of_entry = gid.to(device=device, dtype=index)
+        self.buffer = torch.empty(gid.numel(), device=device, dtype=dtype)
+        self.views = [v.view(p.shape) for v, p in zip(self.buffer.split([p.numel() for p in params]), params)]
+        self.stages: list[tuple[Tensor | None, Tensor | None]] = []  # (gather order, segment lengths)
+        run_gid, run_len = torch.unique_consecutive(gid, return_counts=True)
+        first = None
+        if 4 * run_gid.numel() > gid.numel() and not bool((gid[1:] >= gid[:-1]).all()):
+            # short runs (groups cut across rows): sort the entries by group first
+            first = torch.sort(gid, stable=True).indices
+            run_gid, run_len = torch.unique_consecutive(gid[first], return_counts=True)
+        self._stage(first, run_len)
+        if not torch.equal(run_gid, torch.arange(len(groups))):  # runs of a group are apart: gather them
+            order = torch.sort(run_gid, stable=True).indices
+            self._stage(order, torch.bincount(run_gid, minlength=len(groups)))
+
+    def _stage(self, order: Tensor | None, lengths: Tensor) -> None:
+        on = {"device": self.device}
+        self.stages.append((None if order is None else order.to(**on, dtype=self.group_of_entry.dtype),
+                            None if bool((lengths == 1).all()) else lengths.to(**on)))
+
+    def reduce(self, per_entry: Tensor) -> Tensor:
+        """Sum the entries of each group."""
+        x = per_entry
+        for order, lengths in self.stages:
+            if order is not None:
+                x = x.index_select(0, order)
+            if lengths is not None:  # unsafe: skip the checks of lengths (ours, checked at build) that read
+                x = torch.segment_reduce(x, "sum", lengths=lengths, unsafe=True)  # the device on the host
+        return x.clone() if x is per_entry else x

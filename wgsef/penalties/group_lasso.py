@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from wgsef.functional import group_lasso_prox, group_lasso_value
+from wgsef.functional import _group_lasso_prox, _group_lasso_value
 from wgsef.groups import SCHEMES, build_groups
 from wgsef.groups.base import GroupSet
 from wgsef.penalties.base import GroupPenalty
@@ -37,16 +37,19 @@ class GroupLasso(GroupPenalty):
         return build_groups(model, self.scheme, example_input, layers=self.layers, block=self.block)
 
     def group_weights(self, like: Tensor) -> Tensor:
-        """w_j = sqrt(|G_j|) (element count, coupled BN/bias included) or 1, on `like`'s device and dtype."""
-        sizes = self.groups.sizes.to(like)
-        return sizes.sqrt() if self.weights == "sqrt_size" else torch.ones_like(sizes)
+        """w_j = sqrt(|G_j|) (element count, coupled BN/bias included) or 1, on `like`'s device and dtype
+        (built once per device, kept by the GroupSet)."""
+        def make() -> Tensor:
+            sizes = self.groups.sizes
+            return sizes.sqrt() if self.weights == "sqrt_size" else torch.ones_like(sizes)
+        return self.groups.cached(("group_lasso", self.weights), like, make)
 
     def norm_value(self, a: Tensor) -> Tensor:
-        return group_lasso_value(a, self.group_weights(a))
+        return _group_lasso_value(a, self.group_weights(a))
 
     def prox_factors(self, a: Tensor, mu: float) -> Tensor:
         # block soft-threshold max(0, 1 - mu w_j / a_j), as new norm / old norm; a zero group stays zero
-        new = group_lasso_prox(a, mu, self.group_weights(a))
+        new = _group_lasso_prox(a, mu, self.group_weights(a))
         return torch.where(a > 0, new / a.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(a))
 
     def grad_coeffs(self, a: Tensor) -> Tensor:

@@ -24,17 +24,40 @@ TYPES = ("filter", "channel", "shape", "depth")
 MODES = ("subgradient", "prox")
 
 
-def group_lasso_term(groups: GroupSet, coeffs: Tensor) -> Tensor:
-    """sum_g c_g <theta_g, stopgrad(theta_g)>, differentiable in the parameters.
+class _GroupLassoTerm(torch.autograd.Function):
+    """sum over group sets t of sum_g c_tg <theta_g, stopgrad(theta_g)>, differentiable in the parameters.
 
-    With c_g = w_g / ||theta_g|| (0 on zero groups) its value is sum_g w_g ||theta_g|| and its gradient is
-    exactly w_g theta_g / ||theta_g||, and 0 on a zero group, where autograd through a square root gives NaN.
+    With c_tg = lam_t w_g / ||theta_g|| (0 on zero groups) its value is sum_t lam_t sum_g w_g ||theta_g|| and
+    its gradient is exactly lam_t w_g theta_g / ||theta_g||, and 0 on a zero group, where autograd through
+    a square root gives NaN. The gradient of all sets comes from a few batched ops (GroupSet.scaled), one
+    tensor per parameter however many sets share it.
     """
-    total = coeffs.new_zeros(())
-    for block, c in zip(groups.blocks, groups.split(coeffs)):
-        for m in block.members:
-            total = total + (m.expand(c) * m.param * m.param.detach()).sum()
-    return total
+
+    @staticmethod
+    def forward(ctx, value, sets, coeffs, *params):
+        ctx.sets, ctx.coeffs, ctx.params = sets, coeffs, params
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads: dict[int, Tensor] = {}
+        for groups, c in zip(ctx.sets, ctx.coeffs):
+            ps, gs = groups.params(), groups.scaled(c)
+            shared = [i for i, p in enumerate(ps) if id(p) in grads]
+            if shared:
+                torch._foreach_add_([grads[id(ps[i])] for i in shared], [gs[i] for i in shared])
+            grads.update((id(p), g) for p, g in zip(ps, gs) if id(p) not in grads)
+        out = [grads[id(p)] for p in ctx.params]
+        torch._foreach_mul_(out, grad)
+        return (None, None, None, *out)
+
+
+def group_lasso_term(sets: list[GroupSet], coeffs: list[Tensor], sq_norms: list[Tensor]) -> Tensor:
+    """sum_t sum_g c_tg ||theta_g||^2 with gradient c_tg theta_g (see _GroupLassoTerm); sq_norms are each
+    set's squared group norms (detached)."""
+    value = sum((c * sq).sum() for c, sq in zip(coeffs, sq_norms))
+    params = list({id(p): p for groups in sets for p in groups.params()}.values())
+    return _GroupLassoTerm.apply(value, sets, coeffs, *params)
 
 
 class SSL(Regularizer):
@@ -75,8 +98,10 @@ class SSL(Regularizer):
     def loss(self) -> Tensor | None:
         if self.mode != "subgradient" or self.frozen:
             return None
-        return sum(pen.lam * group_lasso_term(pen.groups, pen.grad_coeffs(pen.groups.norms()))
-                   for pen in self.penalties.values())
+        pens = list(self.penalties.values())
+        sq = [pen.groups.sq_norms() for pen in pens]
+        coeffs = [pen.grad_coeffs(s.sqrt()).mul_(pen.lam) for pen, s in zip(pens, sq)]
+        return group_lasso_term([pen.groups for pen in pens], coeffs, sq)
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         if self.finetune_epoch is not None and epoch >= self.finetune_epoch and not self.frozen:

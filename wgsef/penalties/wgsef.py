@@ -14,7 +14,7 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor, nn
 
-from wgsef.functional import wgsef_grad_coeffs, wgsef_prox, wgsef_value
+from wgsef.functional import Scopes, _grad_coeffs, _prox, _value
 from wgsef.groups import SCHEMES, GroupSet, build_groups
 from wgsef.penalties.base import GroupPenalty
 
@@ -72,26 +72,40 @@ class WGSEF(GroupPenalty):
         self.d = group_weights(groups, self.weights)
         return groups
 
+    def _weights(self, a: Tensor) -> Tensor | None:
+        """The group weights on a's device and dtype (moved once), or None for weights='ones'."""
+        if self.weights == "ones":
+            return None
+        if self.d.device != a.device or self.d.dtype != a.dtype:
+            self.d = self.d.to(a)
+        return self.d
+
     def _scopes(self, a: Tensor):
         """(slice, k, weights or None) of each scope; the weights follow a's device and dtype."""
-        if self.weights != "ones" and (self.d.device != a.device or self.d.dtype != a.dtype):
-            self.d = self.d.to(a)
+        d = self._weights(a)
         for lo, hi, k in zip(self.bounds[:-1], self.bounds[1:], self.ks):
-            yield slice(lo, hi), k, None if self.weights == "ones" else self.d[lo:hi]
+            yield slice(lo, hi), k, None if d is None else d[lo:hi]
+
+    @property
+    def scopes(self) -> Scopes:
+        """All scopes at once, for the batched value, gradient and prox (rebuilt only if the ks change)."""
+        if getattr(self, "_batched", None) is None or self._batched.ks != self.ks:
+            self._batched = Scopes([hi - lo for lo, hi in zip(self.bounds[:-1], self.bounds[1:])], self.ks)
+        return self._batched
 
     def norm_value(self, a: Tensor) -> Tensor:
-        return sum(wgsef_value(a[s], k, weights=d) for s, k, d in self._scopes(a))
+        return _value(a, self._weights(a), self.scopes)
 
     def prox_factors(self, a: Tensor, mu: float) -> Tensor:
         if self.keep is not None:  # after the finish the prox is off; the kept support is enforced
             return self.keep.to(a)
-        new = torch.cat([wgsef_prox(a[s], k, mu, weights=d) for s, k, d in self._scopes(a)])
+        new = _prox(a, mu, self._weights(a), self.scopes)
         return torch.where(a > 0, new / a, 0.0)
 
     def grad_coeffs(self, a: Tensor) -> Tensor:
         if self.keep is not None:
             return torch.zeros_like(a)
-        return torch.cat([wgsef_grad_coeffs(a[s], k, weights=d) for s, k, d in self._scopes(a)])
+        return _grad_coeffs(a, self._weights(a), self.scopes)
 
     # k-level finish -----------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
