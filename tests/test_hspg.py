@@ -102,7 +102,7 @@ def train_steps(model, opt, data):
 def test_stage_one_is_prox_sgd_and_stage_two_starts_at_n_p():
     model = toy_model()
     ref = copy.deepcopy(model)
-    opt = hspg(model, toy_penalty(model, lam=0.2), lr=0.3, n_p=2, momentum=0.5, weight_decay=0.01)
+    opt = hspg(model, toy_penalty(model, lam=0.2), lr=0.3, n_p=2, momentum=0.5, weight_decay=0.01, stage1="prox")
     ref_pen = toy_penalty(ref, lam=0.2)
     ref_opt = torch.optim.SGD([{"params": [ref[0].weight, ref[0].bias], "weight_decay": 0.0},
                                {"params": [ref[2].weight, ref[2].bias]}], lr=0.3, momentum=0.5, weight_decay=0.01)
@@ -118,7 +118,7 @@ def test_stage_one_is_prox_sgd_and_stage_two_starts_at_n_p():
             for a, b in zip(model.parameters(), ref.parameters()):
                 assert torch.allclose(a, b, atol=1e-12)
     opt.set_epoch(2)
-    assert opt.stage == "half_space" and opt.state_dict()["hspg"] == {"epoch": 2, "stage": "half_space"}
+    assert opt.stage == "half_space" and opt.state_dict()["hspg"] == {"epoch": 2, "stage": "half_space", "eps_boost": None}
 
 
 def test_subgradient_stage_adds_the_penalty_gradient():
@@ -263,3 +263,85 @@ def test_digits_hspg(digits, dense_accuracy, method):
     sparsity = pen.metrics()["group_sparsity"]
     print(f"{method} + HSPG: acc {acc:.3f} (dense {dense_accuracy:.3f}), filter group sparsity {sparsity:.3f}")
     assert sparsity >= (0.5 if method == "group_lasso" else 0.2) and acc >= dense_accuracy - 0.04
+
+
+# --- fidelity with OTO's HSPG across the stage switch (momentum 0.9) ----------------------------------------
+class OTOReference:
+    """HSPG as the OTO paper and tianyic/only_train_once `optimizer/hspg.py` define it, written independently on
+    each layer's group matrix X = [W | b] (one row per group; group lasso with weight 1):
+      psi = G + lam * X_g / ||X_g|| (0 on zero rows); buf <- psi on the stage's first step, else m buf + psi;
+      stage 1 (sgd_step): X <- X - lr buf;
+      stage 2 (half_space_step): hat X = X - lr buf; a row with <hat X_g, X_g> < eps ||X_g||^2 or X_g = 0
+      becomes 0; the half-space stage keeps its own buffer (fresh at n_p), or stage 1's with `shared`.
+    Ungrouped parameters take momentum SGD with the same buffer rule (OTO's stage 1 gives them no momentum:
+    a documented difference; OTO's recipe uses momentum 0, where the two agree)."""
+
+    def __init__(self, layers, rest, lam, lr, momentum, eps, shared):
+        self.layers, self.rest, self.lam, self.lr, self.m, self.eps, self.shared = layers, rest, lam, lr, momentum, eps, shared
+        self.buffers = {}
+
+    def _momentum(self, key, stage, d):
+        key = (key, "one" if self.shared else stage)
+        self.buffers[key] = d.clone() if key not in self.buffers else self.m * self.buffers[key] + d
+        return self.buffers[key]
+
+    @torch.no_grad()
+    def step(self, stage):
+        for i, layer in enumerate(self.layers):
+            x = torch.cat([layer.weight, layer.bias[:, None]], 1)
+            g = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+            norm = x.norm(dim=1, keepdim=True)
+            psi = g + self.lam * torch.where(norm > 0, x / norm.clamp_min(1e-300), 0.0)
+            new = x - self.lr * self._momentum(i, stage, psi)
+            if stage == "half_space":
+                drop = ((new * x).sum(1) < self.eps * norm.squeeze(1) ** 2) | (norm.squeeze(1) == 0)
+                new[drop] = 0.0
+            layer.weight.copy_(new[:, :-1])
+            layer.bias.copy_(new[:, -1])
+        for j, p in enumerate(self.rest):
+            p.sub_(self.lr * self._momentum(("rest", j), stage, p.grad))
+
+
+def two_layer_penalty(model, lam):
+    pen = GroupLasso(lam, weights="ones")
+    pen.groups = GroupSet([GroupBlock(str(i), [Member(model[i].weight, tuple(model[i].weight.shape), (0,)),
+                                              Member(model[i].bias, (model[i].out_features,), (0,))]) for i in (0, 2)])
+    return pen
+
+
+@pytest.mark.parametrize("buffers", ["per_stage", "shared"])
+def test_matches_oto_across_the_stage_switch_with_momentum(buffers):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    ref = copy.deepcopy(model)
+    lam, lr, n_p = 0.03, 0.1, 2
+    opt = hspg(model, two_layer_penalty(model, lam), lr=lr, n_p=n_p, momentum=0.9, eps_linear=0.2,
+               stage1="subgradient", momentum_buffers=buffers)
+    oto = OTOReference([ref[0], ref[2]], [ref[4].weight, ref[4].bias], lam, lr, 0.9, 0.2, buffers == "shared")
+    for epoch in range(5):
+        opt.set_epoch(epoch)
+        for x, y in batches(8, seed=epoch):
+            for m in (model, ref):
+                m.zero_grad()
+                nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+            oto.step(opt.stage)
+            for a, b in zip(model.parameters(), ref.parameters()):
+                assert torch.allclose(a, b, rtol=0, atol=1e-10), (epoch, opt.stage)
+    zero_rows = [int((torch.cat([m.weight, m.bias[:, None]], 1).norm(dim=1) == 0).sum()) for m in (model[0], model[2])]
+    assert 0 < sum(zero_rows) < 18, zero_rows  # the half-space projection was exercised, not everything zeroed
+
+
+def test_per_stage_and_shared_momentum_differ_after_the_switch():
+    finals = []
+    for buffers in ("per_stage", "shared"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+        opt = hspg(model, two_layer_penalty(model, 0.01), lr=0.1, n_p=1, momentum=0.9, momentum_buffers=buffers)
+        for epoch in range(2):
+            opt.set_epoch(epoch)
+            train_steps(model, opt, batches(5, seed=epoch))
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        if buffers == "per_stage":  # stage 1's buffers are gone, the half-space ones exist
+            assert all("momentum_buffer" not in s and "momentum_buffer_half_space" in s for s in opt.state.values())
+    assert (finals[0] - finals[1]).abs().max() > 1e-3

@@ -1,18 +1,32 @@
 """HSPG: half-space stochastic projected gradient (Chen et al. 2020; OTO), docs/methods.md section 3.
 
 Problem: min f(theta) + lam * Omega(theta) for any `GroupPenalty` (group lasso, WGSEF). Per step, with
-learning rate eta and the direction d = grad f + weight_decay * theta (+ momentum, default 0 as in OTO):
+learning rate eta, the direction d = grad f + weight_decay * theta (+ lam c_g theta_g on grouped parameters
+outside the prox stage, c = penalty.grad_coeffs(norms)), then momentum on d (default 0, as in OTO):
 
-  stage 1 (epoch < n_p)   stage1="prox":        theta <- prox_{eta lam Omega}(theta - eta d)
-                          stage1="subgradient": theta <- theta - eta (d + lam grad Omega)  (OTO's code)
+  stage 1 (epoch < n_p)   stage1="subgradient": theta <- theta - eta d        (OTO's code; the default)
+                          stage1="prox":        theta <- prox_{eta lam Omega}(theta - eta d)
   stage 2 (epoch >= n_p)  every group that is zero stays zero forever; for each nonzero group g the trial
-                          x_g = theta_g - eta (d_g + lam c_g theta_g), c = penalty.grad_coeffs(norms), is
-                          taken unless <x_g, theta_g> < eps_g ||theta_g||^2, in which case theta_g <- 0.
+                          x_g = theta_g - eta d_g is taken unless <x_g, theta_g> < eps_g ||theta_g||^2, in
+                          which case theta_g <- 0.
 
-Parameters outside the groups always take the plain SGD step. eps_g is `eps_linear` for a block whose
-largest member is a 2-D (Linear) weight and `eps_conv` otherwise. `max_group_sparsity` caps the fraction of
-zero groups: when too many groups qualify, the smallest-norm ones are zeroed and the rest kept.
-The stage follows the epoch: the training loop calls `set_epoch(epoch)` at the start of every epoch.
+Parameters outside the groups always take the plain (momentum) SGD step. eps_g is `eps_linear` for a
+block whose largest member is a 2-D (Linear) weight and `eps_conv` otherwise. `max_group_sparsity` caps the
+fraction of zero groups: when too many groups qualify, the smallest-norm ones are zeroed and the rest kept.
+
+Momentum: `momentum_buffers="per_stage"` (OTO) keeps one buffer for stage 1 and starts the half-space
+stage from a fresh one; "shared" carries one buffer across the switch.
+
+k-aware half-space stage (a penalty with a target k per scope, i.e. WGSEF; `keep_top_k`): only the
+nonzero groups outside their scope's top-k by v_j = sqrt(d_j) a_j are candidates for the half-space test,
+so no scope ever falls below k nonzero groups; and at every epoch of stage 2 each scope that still has more
+than k nonzero groups raises its candidates' eps by `eps_step` (at most 0.999) -- OTO's own `adapt_epsilon`
+rule, with 1 - k / n as the scope's target group sparsity. Exactly k then comes from the half-space test
+itself, or from WGSEF's hard top-k finish (`regularizer.finish_epoch`) for whatever it has not zeroed.
+
+The step is batched and sync-free: GroupSet's batched norms, dots and scaling, torch._foreach_* updates,
+eps and the scope tables built once on the device. The stage follows the epoch: the training loop calls
+`set_epoch(epoch)` at the start of every epoch.
 """
 from __future__ import annotations
 
@@ -21,11 +35,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from wgsef.groups.base import GroupSet
+from wgsef.groups.base import GroupBlock, GroupSet, Member
 from wgsef.optim import param_groups, require_group_penalty
 from wgsef.penalties.base import GroupPenalty, Regularizer
 
-STAGE1 = ("prox", "subgradient")
+STAGE1 = ("subgradient", "prox")
+BUFFERS = ("per_stage", "shared")
+EPS_MAX = 0.999  # OTO's cap on an adapted eps
 
 
 def group_eps(groups: GroupSet, eps_conv: float, eps_linear: float) -> Tensor:
@@ -34,18 +50,42 @@ def group_eps(groups: GroupSet, eps_conv: float, eps_linear: float) -> Tensor:
                       for b in groups.blocks])
 
 
+def rank_in_scope(v: Tensor, scope: Tensor, start: Tensor) -> Tensor:
+    """0-based rank of every v_j within its scope, largest first (ties: lower index first), without a host
+    sync: sort by v, then stably by scope; `start` is the position of each group's scope in that order."""
+    order = v.argsort(descending=True, stable=True)
+    order = order[scope[order].argsort(stable=True)]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(v), device=v.device)
+    return position - start
+
+
+def capped(zero: Tensor, norms: Tensor, max_fraction: float) -> Tensor:
+    """`zero` limited so that at most floor(max_fraction * n) groups end up zero: the smallest-norm
+    candidates are kept as candidates, the rest dropped (sync-free)."""
+    budget = math.floor(max_fraction * len(norms)) - (norms == 0).sum()
+    key = torch.where(zero, norms, torch.full_like(norms, math.inf))
+    order = key.argsort(stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(norms), device=norms.device)
+    return zero & (rank < budget)
+
+
 class HSPG(torch.optim.Optimizer):
     def __init__(self, params, regularizer: GroupPenalty, lr: float, n_p: int, eps_conv: float = 0.0,
                  eps_linear: float = 0.9, momentum: float = 0.0, weight_decay: float = 0.0,
-                 stage1: str = "prox", max_group_sparsity: float | None = None):
+                 stage1: str = "subgradient", max_group_sparsity: float | None = None,
+                 momentum_buffers: str = "per_stage", keep_top_k: bool = True, eps_step: float = 0.1):
         self.regularizer = require_group_penalty(regularizer, "hspg")
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or n_p < 0 or int(n_p) != n_p:
             raise ValueError(f"hspg needs lr > 0, 0 <= momentum < 1, weight_decay >= 0, an epoch n_p >= 0; "
                              f"got lr={lr}, momentum={momentum}, weight_decay={weight_decay}, n_p={n_p}")
-        if not (0 <= eps_conv < 1 and 0 <= eps_linear < 1):
-            raise ValueError(f"hspg eps must lie in [0, 1), got eps_conv={eps_conv}, eps_linear={eps_linear}")
-        if stage1 not in STAGE1:
-            raise ValueError(f"unknown hspg stage1 '{stage1}'; choose one of {', '.join(STAGE1)}")
+        if not (0 <= eps_conv < 1 and 0 <= eps_linear < 1 and 0 <= eps_step < 1):
+            raise ValueError(f"hspg eps must lie in [0, 1), got eps_conv={eps_conv}, eps_linear={eps_linear}, "
+                             f"eps_step={eps_step}")
+        for value, allowed, what in ((stage1, STAGE1, "stage1"), (momentum_buffers, BUFFERS, "momentum_buffers")):
+            if value not in allowed:
+                raise ValueError(f"unknown hspg {what} '{value}'; choose one of {', '.join(allowed)}")
         if max_group_sparsity is not None and not 0 <= max_group_sparsity <= 1:
             raise ValueError(f"max_group_sparsity must lie in [0, 1], got {max_group_sparsity}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -56,21 +96,56 @@ class HSPG(torch.optim.Optimizer):
         if len({owners[p] for p in grouped}) > 1:
             raise ValueError("hspg needs all grouped parameters in one param group (one learning rate)")
         self._grouped_index = owners[grouped[0]] if grouped else 0
+        self._grouped = set(grouped)
         self.n_p, self.stage1, self.max_group_sparsity = int(n_p), stage1, max_group_sparsity
+        self.momentum_buffers, self.eps_step = momentum_buffers, eps_step
         self.eps = group_eps(regularizer.groups, eps_conv, eps_linear)
+        self.scopes = self._scope_table(regularizer) if keep_top_k else None
+        self.eps_boost = None if self.scopes is None else torch.zeros(len(self.scopes["k"]))  # per scope
         self.epoch = 0
+        self._work: tuple[dict[Tensor, Tensor], GroupSet] | None = None
+
+    @staticmethod
+    def _scope_table(reg: GroupPenalty) -> dict[str, Tensor] | None:
+        """Per group: its scope, its scope's first position and k; None for penalties without a k."""
+        if not hasattr(reg, "ks"):
+            return None
+        sizes = torch.tensor(reg.bounds).diff()
+        scope = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        return {"scope": scope, "start": torch.tensor(reg.bounds[:-1])[scope],
+                "k_of": torch.tensor(reg.ks)[scope], "k": torch.tensor(reg.ks), "sizes": sizes}
 
     @property
     def stage(self) -> str:
-        """'prox' or 'subgradient' before epoch n_p, 'half_space' from then on."""
+        """'subgradient' or 'prox' before epoch n_p, 'half_space' from then on."""
         return "half_space" if self.epoch >= self.n_p else self.stage1
 
+    def _buffer_key(self) -> str:
+        half = self.stage == "half_space" and self.momentum_buffers == "per_stage"
+        return "momentum_buffer_half_space" if half else "momentum_buffer"
+
+    @torch.no_grad()
     def set_epoch(self, epoch: int) -> None:
+        """Enter `epoch`: in stage 2, drop stage 1's momentum (per_stage) and adapt the k-aware eps."""
+        first_half_space = self.stage != "half_space" and epoch >= self.n_p
+        if self.scopes is not None and epoch > self.n_p and epoch > self.epoch and self.eps_step:
+            self._adapt_eps()
         self.epoch = int(epoch)
+        if first_half_space and self.momentum_buffers == "per_stage":
+            for state in self.state.values():
+                state.pop("momentum_buffer", None)
+
+    def _adapt_eps(self) -> None:
+        """Raise eps by eps_step in every scope that still has more than k nonzero groups (on the device)."""
+        norms = self.regularizer.groups.norms()
+        self._to_device(norms)
+        nonzero = torch.zeros_like(self.eps_boost).index_add_(0, self.scopes["scope"], (norms > 0).to(norms))
+        self.eps_boost = torch.where(nonzero > self.scopes["k"], self.eps_boost + self.eps_step, self.eps_boost)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["hspg"] = {"epoch": self.epoch, "stage": self.stage}
+        state["hspg"] = {"epoch": self.epoch, "stage": self.stage,
+                         "eps_boost": None if self.eps_boost is None else self.eps_boost.cpu()}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -80,52 +155,78 @@ class HSPG(torch.optim.Optimizer):
             raise ValueError("not an hspg optimizer state (no 'hspg' entry); was it saved by another optimizer?")
         super().load_state_dict(state_dict)
         self.epoch = int(hspg["epoch"])
+        if self.eps_boost is not None and hspg.get("eps_boost") is not None:
+            self.eps_boost = hspg["eps_boost"].to(self.eps_boost)
 
-    def _updates(self, penalty_grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
-        """eta * direction for every parameter with a gradient (or a penalty gradient)."""
-        updates = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None and p not in penalty_grads:
-                    continue
-                d = p.grad if p.grad is not None else torch.zeros_like(p)
-                if group["weight_decay"]:
-                    d = d + group["weight_decay"] * p
-                if p in penalty_grads:
-                    d = d + penalty_grads[p]
-                if group["momentum"]:
-                    buf = self.state[p].get("momentum_buffer")
-                    buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
-                    self.state[p]["momentum_buffer"] = d = buf
-                updates[p] = group["lr"] * d
-        return updates
+    # -- the step ----------------------------------------------------------------------------------------
+    def _to_device(self, like: Tensor) -> None:
+        """Move eps and the scope tables to the parameters' device and dtype, once."""
+        if self.eps.device != like.device or self.eps.dtype != like.dtype:
+            self.eps = self.eps.to(like)
+            if self.scopes is not None:
+                self.scopes = {k: v.to(like.device) for k, v in self.scopes.items()}
+                self.eps_boost = self.eps_boost.to(like)
 
-    def _penalty_grads(self, norms: Tensor) -> dict[Tensor, Tensor]:
-        """lam * c_g * theta_g on every member of every group (0 on zero groups)."""
+    def _workspace(self) -> tuple[dict[Tensor, Tensor], GroupSet]:
+        """One tensor per grouped parameter, and the same groups viewed on those tensors (built once)."""
+        if self._work is None:
+            groups = self.regularizer.groups
+            work = {p: torch.empty_like(p, memory_format=torch.preserve_format) for p in groups.params()}
+            shadow = GroupSet([GroupBlock(b.name, [Member(work[m.param], m.shape, m.group_axes) for m in b.members])
+                               for b in groups.blocks], scheme=groups.scheme)
+            self._work = work, shadow
+        return self._work
+
+    def _penalty_directions(self, norms: Tensor) -> dict[Tensor, Tensor]:
+        """lam c_g theta_g (+ the loss gradient) on every grouped parameter, in the workspace."""
         reg = self.regularizer
-        coeffs = reg.lam * reg.grad_coeffs(norms)
-        grads: dict[Tensor, Tensor] = {}
-        for block, c in zip(reg.groups.blocks, reg.groups.split(coeffs)):
-            for m in block.members:
-                g = m.expand(c) * m.param
-                grads[m.param] = grads[m.param] + g if m.param in grads else g
-        return grads
+        work, shadow = self._workspace()
+        params = list(work)
+        torch._foreach_copy_(list(work.values()), params)
+        shadow.scale_(reg.lam * reg.grad_coeffs(norms))
+        with_grad = [p for p in params if p.grad is not None]
+        if with_grad:
+            torch._foreach_add_([work[p] for p in with_grad], [p.grad for p in with_grad])
+        return work
 
-    def _zero_candidates(self, norms: Tensor, updates: dict[Tensor, Tensor]) -> Tensor:
-        """Nonzero groups whose trial point makes an obtuse-enough angle with theta_g, after the cap."""
+    def _directions(self, penalty: dict[Tensor, Tensor]) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
+        """(param group, params, directions after weight decay and momentum) for every param group."""
+        key, out = self._buffer_key(), []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p in penalty or p.grad is not None]
+            if not params:
+                continue
+            ds = [penalty[p] if p in penalty else p.grad for p in params]
+            if group["weight_decay"]:
+                ds = torch._foreach_add(ds, params, alpha=group["weight_decay"])
+            if group["momentum"]:
+                states = [self.state[p] for p in params]
+                old = [i for i, s in enumerate(states) if key in s]
+                if old:
+                    bufs = [states[i][key] for i in old]
+                    torch._foreach_mul_(bufs, group["momentum"])
+                    torch._foreach_add_(bufs, [ds[i] for i in old])
+                for i, s in enumerate(states):
+                    if key not in s:
+                        s[key] = ds[i].detach().clone()
+                ds = [s[key] for s in states]
+            out.append((group, params, ds))
+        return out
+
+    def _zero(self, norms: Tensor, trial_dot: Tensor) -> Tensor:
+        """Nonzero groups whose trial point leaves the half-space (k-aware candidates, then the cap)."""
         sq = norms.square()
-        trial_dot = sq - self.regularizer.groups.dots(updates)  # <theta - eta d, theta>
-        out = (norms > 0) & (trial_dot < self.eps.to(sq) * sq)
-        if self.max_group_sparsity is None:
-            return out
-        budget = math.floor(self.max_group_sparsity * len(norms)) - int((norms == 0).sum())
-        if int(out.sum()) <= budget:
-            return out
-        idx = out.nonzero().squeeze(1)
-        chosen = idx[norms[idx].argsort()[:max(budget, 0)]]  # zero the smallest, keep the largest norms
-        capped = torch.zeros_like(out)
-        capped[chosen] = True
-        return capped
+        eps = self.eps
+        if self.scopes is not None:
+            s = self.scopes
+            v = norms if getattr(self.regularizer, "d", None) is None or self.regularizer.weights == "ones" \
+                else norms * self.regularizer.d.to(norms).sqrt()
+            outside = rank_in_scope(v, s["scope"], s["start"]) >= s["k_of"]
+            eps = torch.maximum(eps, (eps + outside * self.eps_boost[s["scope"]]).clamp(max=EPS_MAX))
+            zero = outside & (norms > 0) & (trial_dot < eps * sq)
+        else:
+            zero = (norms > 0) & (trial_dot < eps * sq)
+        return zero if self.max_group_sparsity is None else capped(zero, norms, self.max_group_sparsity)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -134,24 +235,31 @@ class HSPG(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         reg, stage = self.regularizer, self.stage
-        norms = reg.groups.norms()
-        penalty_grads = self._penalty_grads(norms) if stage != "prox" and reg.lam > 0 else {}
-        updates = self._updates(penalty_grads)
-        zero = self._zero_candidates(norms, updates) if stage == "half_space" else None
-        for p, u in updates.items():
-            p.sub_(u)
+        subgradient = stage != "prox" and reg.lam > 0
+        norms = reg.groups.norms() if subgradient or stage == "half_space" else None
+        updates = self._directions(self._penalty_directions(norms) if subgradient else {})
+        if stage == "half_space":
+            self._to_device(norms)
+            group, params, ds = updates[[g is self.param_groups[self._grouped_index] for g, _, _ in updates].index(True)]
+            grouped = {p: d for p, d in zip(params, ds) if p in self._grouped}
+            trial_dot = norms.square() - group["lr"] * reg.groups.dots(grouped)  # <theta - eta d, theta>
+            keep = (norms > 0) & ~self._zero(norms, trial_dot)
+        for group, params, ds in updates:
+            torch._foreach_add_(params, ds, alpha=-group["lr"])
         if stage == "prox":
             reg.prox_(self.param_groups[self._grouped_index]["lr"])
         elif stage == "half_space":
-            reg.groups.scale_(((norms > 0) & ~zero).to(norms.dtype))
+            reg.groups.scale_(keep.to(norms.dtype))
         return loss
 
 
 def hspg(model: nn.Module, regularizer: Regularizer, lr: float, n_p: int = 5, eps_conv: float = 0.0,
-         eps_linear: float = 0.9, momentum: float = 0.0, weight_decay: float = 0.0, stage1: str = "prox",
-         max_group_sparsity: float | None = None) -> HSPG:
+         eps_linear: float = 0.9, momentum: float = 0.0, weight_decay: float = 0.0, stage1: str = "subgradient",
+         max_group_sparsity: float | None = None, momentum_buffers: str = "per_stage", keep_top_k: bool = True,
+         eps_step: float = 0.1) -> HSPG:
     """HSPG over `model` for a group penalty; grouped parameters get no weight decay (the penalty replaces it)."""
     require_group_penalty(regularizer, "hspg")
     return HSPG(param_groups(model, regularizer, weight_decay), regularizer, lr=lr, n_p=n_p, eps_conv=eps_conv,
                 eps_linear=eps_linear, momentum=momentum, weight_decay=weight_decay, stage1=stage1,
-                max_group_sparsity=max_group_sparsity)
+                max_group_sparsity=max_group_sparsity, momentum_buffers=momentum_buffers, keep_top_k=keep_top_k,
+                eps_step=eps_step)
