@@ -54,11 +54,12 @@ reproduce-table-fmnist: $(STAMP) ## Fashion-MNIST table: LeNet-5/VGG16/ResNet18/
 	$(TRAIN) experiment=table_fmnist method=ssl_from_dense
 	$(call report,fmnist,runs/table_fmnist)
 
-reproduce-table-cifar10: $(STAMP) ## CIFAR-10 table, plus OTO's published HSPG recipe for VGG16 (GPU advised)
+reproduce-table-cifar10: $(STAMP) ## CIFAR-10 table, plus OTO's HSPG recipes for VGG16 and VGG16-BN (GPU advised)
 	$(TRAIN) experiment=table_cifar10
 	$(TRAIN) experiment=table_cifar10 method=ssl_from_dense
 	$(TRAIN) experiment=oto_vgg16_cifar10
-	$(call report,cifar10,runs/table_cifar10 runs/oto_vgg16_cifar10)
+	$(TRAIN) experiment=oto_vgg16bn_cifar10
+	$(call report,cifar10,runs/table_cifar10 runs/oto_vgg16_cifar10 runs/oto_vgg16bn_cifar10)
 
 reproduce-table-cifar100: $(STAMP) ## CIFAR-100 table: VGG16/ResNet18/MobileNetV1 x methods x 3 seeds (GPU advised)
 	$(TRAIN) experiment=table_cifar100
