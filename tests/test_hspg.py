@@ -13,7 +13,7 @@ from wgsef.functional import wgsef_value
 from wgsef.groups.base import GroupBlock, GroupSet, Member
 from wgsef.models.lenet import LeNet5
 from wgsef.optim import sgd
-from wgsef.optim.hspg import HSPG, hspg
+from wgsef.optim.hspg import HSPG, hspg, rank_in_scope
 from wgsef.optim.prox_sgd import prox_sgd
 from wgsef.penalties.base import Regularizer
 from wgsef.penalties.group_lasso import GroupLasso
@@ -118,7 +118,7 @@ def test_stage_one_is_prox_sgd_and_stage_two_starts_at_n_p():
             for a, b in zip(model.parameters(), ref.parameters()):
                 assert torch.allclose(a, b, atol=1e-12)
     opt.set_epoch(2)
-    assert opt.stage == "half_space" and opt.state_dict()["hspg"] == {"epoch": 2, "stage": "half_space", "eps_boost": None}
+    assert opt.stage == "half_space" and opt.state_dict()["hspg"] == {"epoch": 2, "stage": "half_space", "lam_boost": None}
 
 
 def test_subgradient_stage_adds_the_penalty_gradient():
@@ -139,15 +139,22 @@ def test_parameters_outside_the_groups_take_a_plain_sgd_step():
     assert torch.allclose(model[2].weight, w - 0.1 * (g + 0.01 * w))
 
 
-@pytest.mark.parametrize("save_epoch", [0, 1])
-def test_state_dict_round_trip_across_the_switch(save_epoch):
+def wgsef_penalty(model, lam):
+    pen = WGSEF(lam / 100, k=2)  # weak enough that the candidates' lam continuation starts
+    pen.attach(model, torch.zeros(2, 6, dtype=torch.float64))
+    return pen
+
+
+@pytest.mark.parametrize("penalty", [toy_penalty, wgsef_penalty])
+@pytest.mark.parametrize("save_epoch", [0, 1, 2])
+def test_state_dict_round_trip_across_the_switch(save_epoch, penalty):
     model = toy_model()
-    opt = hspg(model, toy_penalty(model, lam=0.3), lr=0.5, n_p=1, momentum=0.9, weight_decay=1e-3)
+    opt = hspg(model, penalty(model, lam=0.3), lr=0.5, n_p=1, momentum=0.9, weight_decay=1e-3)
     for epoch in range(save_epoch + 1):
         opt.set_epoch(epoch)
         train_steps(model, opt, batches(4, seed=epoch))
     clone = copy.deepcopy(model)
-    clone_opt = hspg(clone, toy_penalty(clone, lam=0.3), lr=0.5, n_p=1, momentum=0.9, weight_decay=1e-3)
+    clone_opt = hspg(clone, penalty(clone, lam=0.3), lr=0.5, n_p=1, momentum=0.9, weight_decay=1e-3)
     clone_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert clone_opt.stage == opt.stage
     for epoch in range(save_epoch + 1, 4):
@@ -157,6 +164,8 @@ def test_state_dict_round_trip_across_the_switch(save_epoch):
     assert opt.stage == "half_space"
     for a, b in zip(model.parameters(), clone.parameters()):
         assert torch.equal(a, b)
+    if penalty is wgsef_penalty:  # the candidates' lam continuation was resumed too
+        assert opt.lam_boost.item() >= 2 and torch.equal(opt.lam_boost, clone_opt.lam_boost)
     with pytest.raises(ValueError, match="not an hspg"):
         clone_opt.load_state_dict(torch.optim.SGD(clone.parameters(), lr=0.1).state_dict())
 
@@ -256,13 +265,29 @@ def test_digits_ssl_subgradient_then_frozen_finetune(digits, dense_accuracy):
     assert acc >= dense_accuracy - 0.06
 
 
-@pytest.mark.parametrize("method", ["group_lasso", "wgsef"])
-def test_digits_hspg(digits, dense_accuracy, method):
-    pen = GroupLasso(2e-3, scheme="filter") if method == "group_lasso" else WGSEF(5e-3, k=0.3, scheme="filter")
-    acc = fit(digits, pen, lambda m, r: hspg(m, r, lr=0.05, n_p=4, momentum=0.9, weight_decay=5e-4))
+def test_digits_hspg(digits, dense_accuracy):
+    pen = GroupLasso(2e-3, scheme="filter")
+    acc = fit(digits, pen, lambda m, r: hspg(m, r, lr=0.05, n_p=4, momentum=0.9, weight_decay=5e-4, stage1="prox"))
     sparsity = pen.metrics()["group_sparsity"]
-    print(f"{method} + HSPG: acc {acc:.3f} (dense {dense_accuracy:.3f}), filter group sparsity {sparsity:.3f}")
-    assert sparsity >= (0.5 if method == "group_lasso" else 0.2) and acc >= dense_accuracy - 0.04
+    print(f"group lasso + HSPG: acc {acc:.3f} (dense {dense_accuracy:.3f}), filter group sparsity {sparsity:.3f}")
+    assert sparsity >= 0.5 and acc >= dense_accuracy - 0.04
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_digits_wgsef_hspg_ends_at_k_near_wgsef(digits, scope):
+    """The wgsef_hspg preset's schedule (prox stage, k-aware half-space stage, top-k finish at 3/4, momentum 0)
+    against method=wgsef (prox-SGD, momentum 0.9, the same finish) at the same k."""
+    finish = 3 * EPOCHS // 4
+    wgsef = WGSEF(5e-3, k=0.5, scope=scope, finish_epoch=finish)
+    acc_wgsef = fit(digits, wgsef, lambda m, r: prox_sgd(m, r, lr=0.05, momentum=0.9, weight_decay=5e-4))
+    pen = WGSEF(5e-3, k=0.5, scope=scope, finish_epoch=finish)
+    acc = fit(digits, pen, lambda m, r: hspg(m, r, lr=0.15, n_p=EPOCHS // 4, momentum=0.0, weight_decay=5e-4,
+                                             stage1="prox"))
+    before = pen.metrics()["group_sparsity_before_finish"]
+    print(f"{scope} scope, k=0.5: WGSEF + HSPG acc {acc:.3f}, WGSEF acc {acc_wgsef:.3f}; "
+          f"group sparsity before the finish {before:.3f} (HSPG) vs {wgsef.finish['group_sparsity_before_finish']:.3f}")
+    assert nonzero_per_scope(pen) == pen.ks
+    assert acc >= acc_wgsef - 0.08
 
 
 # --- fidelity with OTO's HSPG across the stage switch (momentum 0.9) ----------------------------------------
@@ -345,3 +370,50 @@ def test_per_stage_and_shared_momentum_differ_after_the_switch():
         if buffers == "per_stage":  # stage 1's buffers are gone, the half-space ones exist
             assert all("momentum_buffer" not in s and "momentum_buffer_half_space" in s for s in opt.state.values())
     assert (finals[0] - finals[1]).abs().max() > 1e-3
+
+
+# --- k-aware half-space stage (WGSEF + HSPG) ------------------------------------------------------------------
+def test_rank_in_scope_is_the_per_scope_descending_rank():
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.tensor([1, 5, 2, 9, 4])
+    scope = torch.repeat_interleave(torch.arange(5), sizes)
+    start = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])[scope]
+    for _ in range(5):
+        v = torch.rand(int(sizes.sum()), generator=g)
+        v[torch.randint(0, len(v), (4,), generator=g)] = 0.0  # zero groups rank last
+        rank = rank_in_scope(v, scope, start)
+        for s in range(5):
+            vs = v[scope == s]
+            expected = torch.tensor([int((vs > x).sum() + ((vs == x) & (torch.arange(len(vs)) < i)).sum())
+                                     for i, x in enumerate(vs)])  # brute force: larger ones, then ties by index
+            assert torch.equal(rank[scope == s], expected)
+
+
+def nonzero_per_scope(pen):
+    a = pen.groups.norms()
+    return [int((a[lo:hi] > 0).sum()) for lo, hi in zip(pen.bounds[:-1], pen.bounds[1:])]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_wgsef_hspg_never_drops_below_k_and_ends_at_k(scope):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    pen = WGSEF(0.05, k=3 if scope == "layer" else 5, scope=scope, finish_epoch=6)
+    model = pen.attach(model, torch.zeros(2, 6, dtype=torch.float64))
+    opt = hspg(model, pen, lr=0.2, n_p=1, stage1="prox", eps_conv=0.0, eps_linear=0.0)
+    below = []
+    for epoch in range(8):
+        opt.set_epoch(epoch)
+        pen.on_epoch_start(epoch, 8)
+        for x, y in batches(6, seed=epoch):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            pen.after_step(0.2)
+            below += [n < k for n, k in zip(nonzero_per_scope(pen), pen.ks)]
+        if epoch == 5:
+            before_finish = nonzero_per_scope(pen)
+    print(f"{scope} scope: nonzero groups before the finish {before_finish}, k {pen.ks}")
+    assert not any(below)
+    assert nonzero_per_scope(pen) == pen.ks
+    assert sum(before_finish) < len(pen.groups)  # the half-space stage zeroed groups before the finish

@@ -19,10 +19,11 @@ stage from a fresh one; "shared" carries one buffer across the switch.
 
 k-aware half-space stage (a penalty with a target k per scope, i.e. WGSEF; `keep_top_k`): only the
 nonzero groups outside their scope's top-k by v_j = sqrt(d_j) a_j are candidates for the half-space test,
-so no scope ever falls below k nonzero groups; and at every epoch of stage 2 each scope that still has more
-than k nonzero groups raises its candidates' eps by `eps_step` (at most 0.999) -- OTO's own `adapt_epsilon`
-rule, with 1 - k / n as the scope's target group sparsity. Exactly k then comes from the half-space test
-itself, or from WGSEF's hard top-k finish (`regularizer.finish_epoch`) for whatever it has not zeroed.
+so no scope ever falls below k nonzero groups; and at every epoch of stage 2 after the first, each scope that
+still has more than k nonzero groups multiplies its candidates' lam by `lam_growth` (a lam continuation on
+the candidates only): they shrink ever faster until their trial points leave the half-space. Exactly k then
+comes from the half-space test itself, or from WGSEF's hard top-k finish (`regularizer.finish_epoch`) for
+whatever it has not zeroed.
 
 The step is batched and sync-free: GroupSet's batched norms, dots and scaling, torch._foreach_* updates,
 eps and the scope tables built once on the device. The stage follows the epoch: the training loop calls
@@ -41,7 +42,6 @@ from wgsef.penalties.base import GroupPenalty, Regularizer
 
 STAGE1 = ("subgradient", "prox")
 BUFFERS = ("per_stage", "shared")
-EPS_MAX = 0.999  # OTO's cap on an adapted eps
 
 
 def group_eps(groups: GroupSet, eps_conv: float, eps_linear: float) -> Tensor:
@@ -75,14 +75,15 @@ class HSPG(torch.optim.Optimizer):
     def __init__(self, params, regularizer: GroupPenalty, lr: float, n_p: int, eps_conv: float = 0.0,
                  eps_linear: float = 0.9, momentum: float = 0.0, weight_decay: float = 0.0,
                  stage1: str = "subgradient", max_group_sparsity: float | None = None,
-                 momentum_buffers: str = "per_stage", keep_top_k: bool = True, eps_step: float = 0.1):
+                 momentum_buffers: str = "per_stage", keep_top_k: bool = True, lam_growth: float = 2.0):
         self.regularizer = require_group_penalty(regularizer, "hspg")
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or n_p < 0 or int(n_p) != n_p:
             raise ValueError(f"hspg needs lr > 0, 0 <= momentum < 1, weight_decay >= 0, an epoch n_p >= 0; "
                              f"got lr={lr}, momentum={momentum}, weight_decay={weight_decay}, n_p={n_p}")
-        if not (0 <= eps_conv < 1 and 0 <= eps_linear < 1 and 0 <= eps_step < 1):
-            raise ValueError(f"hspg eps must lie in [0, 1), got eps_conv={eps_conv}, eps_linear={eps_linear}, "
-                             f"eps_step={eps_step}")
+        if not (0 <= eps_conv < 1 and 0 <= eps_linear < 1):
+            raise ValueError(f"hspg eps must lie in [0, 1), got eps_conv={eps_conv}, eps_linear={eps_linear}")
+        if lam_growth < 1:
+            raise ValueError(f"hspg lam_growth must be >= 1, got {lam_growth}")
         for value, allowed, what in ((stage1, STAGE1, "stage1"), (momentum_buffers, BUFFERS, "momentum_buffers")):
             if value not in allowed:
                 raise ValueError(f"unknown hspg {what} '{value}'; choose one of {', '.join(allowed)}")
@@ -98,10 +99,10 @@ class HSPG(torch.optim.Optimizer):
         self._grouped_index = owners[grouped[0]] if grouped else 0
         self._grouped = set(grouped)
         self.n_p, self.stage1, self.max_group_sparsity = int(n_p), stage1, max_group_sparsity
-        self.momentum_buffers, self.eps_step = momentum_buffers, eps_step
+        self.momentum_buffers, self.lam_growth = momentum_buffers, lam_growth
         self.eps = group_eps(regularizer.groups, eps_conv, eps_linear)
         self.scopes = self._scope_table(regularizer) if keep_top_k else None
-        self.eps_boost = None if self.scopes is None else torch.zeros(len(self.scopes["k"]))  # per scope
+        self.lam_boost = None if self.scopes is None else torch.ones(len(self.scopes["k"]))  # per scope
         self.epoch = 0
         self._work: tuple[dict[Tensor, Tensor], GroupSet] | None = None
 
@@ -126,26 +127,26 @@ class HSPG(torch.optim.Optimizer):
 
     @torch.no_grad()
     def set_epoch(self, epoch: int) -> None:
-        """Enter `epoch`: in stage 2, drop stage 1's momentum (per_stage) and adapt the k-aware eps."""
+        """Enter `epoch`: in stage 2, drop stage 1's momentum (per_stage) and continue the candidates' lam."""
         first_half_space = self.stage != "half_space" and epoch >= self.n_p
-        if self.scopes is not None and epoch > self.n_p and epoch > self.epoch and self.eps_step:
-            self._adapt_eps()
+        if self.scopes is not None and epoch > self.n_p and epoch > self.epoch and self.lam_growth > 1:
+            self._grow_lam()
         self.epoch = int(epoch)
         if first_half_space and self.momentum_buffers == "per_stage":
             for state in self.state.values():
                 state.pop("momentum_buffer", None)
 
-    def _adapt_eps(self) -> None:
-        """Raise eps by eps_step in every scope that still has more than k nonzero groups (on the device)."""
+    def _grow_lam(self) -> None:
+        """Multiply the candidates' lam by lam_growth in every scope still above k (on the device)."""
         norms = self.regularizer.groups.norms()
         self._to_device(norms)
-        nonzero = torch.zeros_like(self.eps_boost).index_add_(0, self.scopes["scope"], (norms > 0).to(norms))
-        self.eps_boost = torch.where(nonzero > self.scopes["k"], self.eps_boost + self.eps_step, self.eps_boost)
+        nonzero = torch.zeros_like(self.lam_boost).index_add_(0, self.scopes["scope"], (norms > 0).to(norms))
+        self.lam_boost = torch.where(nonzero > self.scopes["k"], self.lam_boost * self.lam_growth, self.lam_boost)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["hspg"] = {"epoch": self.epoch, "stage": self.stage,
-                         "eps_boost": None if self.eps_boost is None else self.eps_boost.cpu()}
+                         "lam_boost": None if self.lam_boost is None else self.lam_boost.cpu()}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -155,8 +156,8 @@ class HSPG(torch.optim.Optimizer):
             raise ValueError("not an hspg optimizer state (no 'hspg' entry); was it saved by another optimizer?")
         super().load_state_dict(state_dict)
         self.epoch = int(hspg["epoch"])
-        if self.eps_boost is not None and hspg.get("eps_boost") is not None:
-            self.eps_boost = hspg["eps_boost"].to(self.eps_boost)
+        if self.lam_boost is not None and hspg.get("lam_boost") is not None:
+            self.lam_boost = hspg["lam_boost"].to(self.lam_boost)
 
     # -- the step ----------------------------------------------------------------------------------------
     def _to_device(self, like: Tensor) -> None:
@@ -165,7 +166,7 @@ class HSPG(torch.optim.Optimizer):
             self.eps = self.eps.to(like)
             if self.scopes is not None:
                 self.scopes = {k: v.to(like.device) for k, v in self.scopes.items()}
-                self.eps_boost = self.eps_boost.to(like)
+                self.lam_boost = self.lam_boost.to(like)
 
     def _workspace(self) -> tuple[dict[Tensor, Tensor], GroupSet]:
         """One tensor per grouped parameter, and the same groups viewed on those tensors (built once)."""
@@ -177,13 +178,12 @@ class HSPG(torch.optim.Optimizer):
             self._work = work, shadow
         return self._work
 
-    def _penalty_directions(self, norms: Tensor) -> dict[Tensor, Tensor]:
-        """lam c_g theta_g (+ the loss gradient) on every grouped parameter, in the workspace."""
-        reg = self.regularizer
+    def _penalty_directions(self, coeffs: Tensor) -> dict[Tensor, Tensor]:
+        """coeffs_g theta_g (+ the loss gradient) on every grouped parameter, in the workspace."""
         work, shadow = self._workspace()
         params = list(work)
         torch._foreach_copy_(list(work.values()), params)
-        shadow.scale_(reg.lam * reg.grad_coeffs(norms))
+        shadow.scale_(coeffs)
         with_grad = [p for p in params if p.grad is not None]
         if with_grad:
             torch._foreach_add_([work[p] for p in with_grad], [p.grad for p in with_grad])
@@ -213,19 +213,17 @@ class HSPG(torch.optim.Optimizer):
             out.append((group, params, ds))
         return out
 
-    def _zero(self, norms: Tensor, trial_dot: Tensor) -> Tensor:
-        """Nonzero groups whose trial point leaves the half-space (k-aware candidates, then the cap)."""
-        sq = norms.square()
-        eps = self.eps
-        if self.scopes is not None:
-            s = self.scopes
-            v = norms if getattr(self.regularizer, "d", None) is None or self.regularizer.weights == "ones" \
-                else norms * self.regularizer.d.to(norms).sqrt()
-            outside = rank_in_scope(v, s["scope"], s["start"]) >= s["k_of"]
-            eps = torch.maximum(eps, (eps + outside * self.eps_boost[s["scope"]]).clamp(max=EPS_MAX))
-            zero = outside & (norms > 0) & (trial_dot < eps * sq)
-        else:
-            zero = (norms > 0) & (trial_dot < eps * sq)
+    def _outside_top_k(self, norms: Tensor) -> Tensor:
+        """The groups outside their scope's top-k by v = sqrt(d) a: the k-aware stage's candidates."""
+        reg, s = self.regularizer, self.scopes
+        v = norms if getattr(reg, "weights", "ones") == "ones" else norms * reg.d.to(norms).sqrt()
+        return rank_in_scope(v, s["scope"], s["start"]) >= s["k_of"]
+
+    def _zero(self, norms: Tensor, trial_dot: Tensor, outside: Tensor | None) -> Tensor:
+        """Nonzero groups whose trial point leaves the half-space (k-aware candidates only, then the cap)."""
+        zero = (norms > 0) & (trial_dot < self.eps * norms.square())
+        if outside is not None:
+            zero &= outside
         return zero if self.max_group_sparsity is None else capped(zero, norms, self.max_group_sparsity)
 
     @torch.no_grad()
@@ -237,13 +235,20 @@ class HSPG(torch.optim.Optimizer):
         reg, stage = self.regularizer, self.stage
         subgradient = stage != "prox" and reg.lam > 0
         norms = reg.groups.norms() if subgradient or stage == "half_space" else None
-        updates = self._directions(self._penalty_directions(norms) if subgradient else {})
+        outside = None
         if stage == "half_space":
             self._to_device(norms)
+            outside = self._outside_top_k(norms) if self.scopes is not None else None
+        if subgradient:
+            coeffs = reg.lam * reg.grad_coeffs(norms)
+            if outside is not None:  # the lam continuation on the candidates
+                coeffs = coeffs * torch.where(outside, self.lam_boost[self.scopes["scope"]], 1.0)
+        updates = self._directions(self._penalty_directions(coeffs) if subgradient else {})
+        if stage == "half_space":
             group, params, ds = updates[[g is self.param_groups[self._grouped_index] for g, _, _ in updates].index(True)]
             grouped = {p: d for p, d in zip(params, ds) if p in self._grouped}
             trial_dot = norms.square() - group["lr"] * reg.groups.dots(grouped)  # <theta - eta d, theta>
-            keep = (norms > 0) & ~self._zero(norms, trial_dot)
+            keep = (norms > 0) & ~self._zero(norms, trial_dot, outside)
         for group, params, ds in updates:
             torch._foreach_add_(params, ds, alpha=-group["lr"])
         if stage == "prox":
@@ -256,10 +261,10 @@ class HSPG(torch.optim.Optimizer):
 def hspg(model: nn.Module, regularizer: Regularizer, lr: float, n_p: int = 5, eps_conv: float = 0.0,
          eps_linear: float = 0.9, momentum: float = 0.0, weight_decay: float = 0.0, stage1: str = "subgradient",
          max_group_sparsity: float | None = None, momentum_buffers: str = "per_stage", keep_top_k: bool = True,
-         eps_step: float = 0.1) -> HSPG:
+         lam_growth: float = 2.0) -> HSPG:
     """HSPG over `model` for a group penalty; grouped parameters get no weight decay (the penalty replaces it)."""
     require_group_penalty(regularizer, "hspg")
     return HSPG(param_groups(model, regularizer, weight_decay), regularizer, lr=lr, n_p=n_p, eps_conv=eps_conv,
                 eps_linear=eps_linear, momentum=momentum, weight_decay=weight_decay, stage1=stage1,
                 max_group_sparsity=max_group_sparsity, momentum_buffers=momentum_buffers, keep_top_k=keep_top_k,
-                eps_step=eps_step)
+                lam_growth=lam_growth)
