@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: help install test test-slow demo readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-step gpu-check clean \
+.PHONY: help install test test-slow demo readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step gpu-check clean \
 	reproduce-table-fmnist reproduce-table-cifar10 reproduce-table-cifar100 reproduce-table-nm reproduce-table-gblr
 
 help: ## list the targets
@@ -94,7 +94,10 @@ bench-step: $(STAMP) ## ms, operator calls and host syncs per training step per 
 gpu-check: $(STAMP) ## on one CUDA GPU (< 8 min): CUDA tests, every method one epoch, step/prox/2:4/latency benches -> results/gpu_check.md
 	$(PY) scripts/gpu_check.py
 
-bench: bench-prox bench-compaction bench-gblr bench-step ## every CPU benchmark
+bench-hspg: $(STAMP) ## operator calls and host syncs of an HSPG step vs a dense SGD step on VGG16 -> results/hspg_ops.md
+	$(PY) scripts/count_hspg_ops.py
+
+bench: bench-prox bench-compaction bench-gblr bench-step bench-hspg ## every CPU benchmark
 
 clean: ## remove run directories and caches (keeps .venv and results/)
 	rm -rf runs outputs multirun .pytest_cache

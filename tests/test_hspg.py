@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from wgsef.functional import wgsef_value
 from wgsef.groups.base import GroupBlock, GroupSet, Member
@@ -417,3 +418,32 @@ def test_wgsef_hspg_never_drops_below_k_and_ends_at_k(scope):
     assert not any(below)
     assert nonzero_per_scope(pen) == pen.ks
     assert sum(before_finish) < len(pen.groups)  # the half-space stage zeroed groups before the finish
+
+
+class SyncCount(TorchDispatchMode):
+    """Counts host syncs: aten._local_scalar_dense is what .item(), bool() and int() of a tensor call."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.syncs += func.overloadpacket is torch.ops.aten._local_scalar_dense
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("penalty", ["group_lasso", "wgsef"])
+@pytest.mark.parametrize("max_group_sparsity", [None, 0.3])
+def test_half_space_step_makes_no_host_sync(penalty, max_group_sparsity):
+    """HSPG's own work (directions, momentum, the k-aware candidates, the cap, the test) never reads a tensor
+    on the host; the WGSEF case runs at lam = 0 so that its gradient coefficients (not HSPG's) stay out."""
+    model = toy_model()
+    pen = toy_penalty(model, lam=0.05) if penalty == "group_lasso" else wgsef_penalty(model, lam=0.0)
+    opt = hspg(model, pen, lr=0.1, n_p=0, momentum=0.9, max_group_sparsity=max_group_sparsity)
+    x, y = batches(1)[0]
+    for _ in range(2):  # the second step runs with every buffer and table in place
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with SyncCount() as count:
+            opt.step()
+    assert count.syncs == 0
