@@ -13,7 +13,8 @@ def test_ddp_gloo_ranks_identical(tmp_path):
     # HSPG: proximal steps in epoch 1, half-space steps from epoch 2 (n_p = 1), on both ranks
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "experiments.train",
-         "method=hspg", "regularizer.lam=0.02", "trainer.epochs=3", "optimizer.n_p=1", "optimizer.momentum=0.9", "optimizer.lr=0.05",
+         "method=hspg", "regularizer.lam=0.02", "regularizer.weights=sqrt_size", "optimizer.stage1=prox",
+         "trainer.epochs=3", "optimizer.n_p=1", "optimizer.momentum=0.9", "optimizer.lr=0.05",
          "trainer.progress=false", "measure.enabled=false", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
