@@ -114,7 +114,7 @@ class HSPG(torch.optim.Optimizer):
         sizes = torch.tensor(reg.bounds).diff()
         scope = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
         return {"scope": scope, "start": torch.tensor(reg.bounds[:-1])[scope],
-                "k_of": torch.tensor(reg.ks)[scope], "k": torch.tensor(reg.ks), "sizes": sizes}
+                "k_of": torch.tensor(reg.ks)[scope], "k": torch.tensor(reg.ks)}
 
     @property
     def stage(self) -> str:
@@ -245,9 +245,9 @@ class HSPG(torch.optim.Optimizer):
                 coeffs = coeffs * torch.where(outside, self.lam_boost[self.scopes["scope"]], 1.0)
         updates = self._directions(self._penalty_directions(coeffs) if subgradient else {})
         if stage == "half_space":
-            group, params, ds = updates[[g is self.param_groups[self._grouped_index] for g, _, _ in updates].index(True)]
-            grouped = {p: d for p, d in zip(params, ds) if p in self._grouped}
-            trial_dot = norms.square() - group["lr"] * reg.groups.dots(grouped)  # <theta - eta d, theta>
+            grouped = {p: d for _, params, ds in updates for p, d in zip(params, ds) if p in self._grouped}
+            lr = self.param_groups[self._grouped_index]["lr"]
+            trial_dot = norms.square() - lr * reg.groups.dots(grouped)  # <theta - eta d, theta>
             keep = (norms > 0) & ~self._zero(norms, trial_dot, outside)
         for group, params, ds in updates:
             torch._foreach_add_(params, ds, alpha=-group["lr"])
