@@ -180,11 +180,36 @@ def test_wgsef_half_space_step_follows_the_envelope_gradient():
     a = (layer.weight.pow(2).sum(1) + layer.bias.pow(2)).sqrt()
     w, b = torch.autograd.grad(pen.lam * wgsef_value(a, 3, weights=pen.d.to(a)), [layer.weight, layer.bias])
     expected = layer.weight.detach() - 0.1 * w, layer.bias.detach() - 0.1 * b
-    opt = hspg(model, pen, lr=0.1, n_p=0, eps_linear=0.0)
+    opt = hspg(model, pen, lr=0.1, n_p=0, eps_linear=0.0, keep_top_k=False)
     for q in model.parameters():
         q.grad = torch.zeros_like(q)
     opt.step()
     assert torch.allclose(layer.weight, expected[0]) and torch.allclose(layer.bias, expected[1])
+
+
+def test_k_aware_step_keeps_the_envelope_gradient_on_the_top_k_and_a_group_lasso_on_the_rest():
+    """Top-k groups take WGSEF's gradient step; every other group the group-lasso step with threshold
+    lr lam v_(k) (v_(k) the k-th largest norm), zeroed where that crosses the origin."""
+    rows = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.5, 0.0], [0.0, 0.3], [0.2, 0.1], [0.0, 1.0]], dtype=torch.float64)
+    p = nn.Parameter(rows.reshape(6, 1, 1, 2).clone())
+    lr, lam = 0.2, 2.0
+    pen = WGSEF(lam, k=3)
+    pen.groups = GroupSet([GroupBlock("layer", [Member(p, (6, 2), (0,))])])
+    pen.bounds, pen.ks, pen.d = [0, 6], [3], torch.ones(6)
+    a = rows.norm(dim=1)
+    opt = HSPG([p], pen, lr=lr, n_p=0)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    coeffs = pen.grad_coeffs(a)  # WGSEF's c_g, so that d WGSEF / d theta_g = c_g theta_g
+    head = [0, 1, 2]
+    expected = rows.clone()
+    expected[head] = rows[head] * (1 - lr * lam * coeffs[head, None])
+    v_k = 1.5  # the 3rd largest norm
+    for j in (3, 4, 5):
+        shrink = 1 - lr * lam * v_k / a[j]
+        expected[j] = rows[j] * shrink if shrink > 0 else 0.0
+    assert torch.allclose(p.detach().reshape(6, 2), expected)
+    assert (p.detach().reshape(6, 2).norm(dim=1) == 0).tolist() == [False, False, False, True, True, False]
 
 
 def test_factory_refuses_non_group_penalties():

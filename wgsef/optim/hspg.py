@@ -19,11 +19,13 @@ stage from a fresh one; "shared" carries one buffer across the switch.
 
 k-aware half-space stage (a penalty with a target k per scope, i.e. WGSEF; `keep_top_k`): only the
 nonzero groups outside their scope's top-k by v_j = sqrt(d_j) a_j are candidates for the half-space test,
-so no scope ever falls below k nonzero groups; and at every epoch of stage 2 after the first, each scope that
-still has more than k nonzero groups multiplies its candidates' lam by `lam_growth` (a lam continuation on
-the candidates only): they shrink ever faster until their trial points leave the half-space. Exactly k then
-comes from the half-space test itself, or from WGSEF's hard top-k finish (`regularizer.finish_epoch`) for
-whatever it has not zeroed.
+so no scope ever falls below k nonzero groups. The candidates' penalty gradient is WGSEF's tail gradient
+lam sqrt(d_j) T theta_j / a_j with the tail mean T replaced by v_(k), the scope's k-th largest v: a group
+lasso, which zeroes in finite time, where the 2-homogeneous WGSEF (T shrinks with the candidates) only
+shrinks them geometrically. At every epoch of stage 2 after the first, each scope that still has more than k
+nonzero groups multiplies its candidates' lam by `lam_growth` (a lam continuation on the candidates only).
+Exactly k then comes from the half-space test itself, or from WGSEF's hard top-k finish
+(`regularizer.finish_epoch`) for whatever it has not zeroed.
 
 The step is batched and sync-free: GroupSet's batched norms, dots and scaling, torch._foreach_* updates,
 eps and the scope tables built once on the device. The stage follows the epoch: the training loop calls
@@ -213,11 +215,17 @@ class HSPG(torch.optim.Optimizer):
             out.append((group, params, ds))
         return out
 
-    def _outside_top_k(self, norms: Tensor) -> Tensor:
-        """The groups outside their scope's top-k by v = sqrt(d) a: the k-aware stage's candidates."""
+    def _candidates(self, norms: Tensor) -> tuple[Tensor, Tensor]:
+        """The k-aware stage's candidates (outside their scope's top-k by v = sqrt(d) a) and their penalty
+        coefficients: a group lasso lam_boost * lam * sqrt(d_j) v_(k) / a_j, v_(k) the scope's k-th largest v."""
         reg, s = self.regularizer, self.scopes
-        v = norms if getattr(reg, "weights", "ones") == "ones" else norms * reg.d.to(norms).sqrt()
-        return rank_in_scope(v, s["scope"], s["start"]) >= s["k_of"]
+        root_d = torch.ones_like(norms) if getattr(reg, "weights", "ones") == "ones" else reg.d.to(norms).sqrt()
+        v = norms * root_d
+        rank = rank_in_scope(v, s["scope"], s["start"])
+        v_k = torch.zeros_like(self.lam_boost).index_add_(0, s["scope"], torch.where(rank == s["k_of"] - 1, v, 0.0))
+        scale = reg.lam * self.lam_boost[s["scope"]] * root_d * v_k[s["scope"]]
+        coeffs = torch.where(norms > 0, scale / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+        return rank >= s["k_of"], coeffs
 
     def _zero(self, norms: Tensor, trial_dot: Tensor, outside: Tensor | None) -> Tensor:
         """Nonzero groups whose trial point leaves the half-space (k-aware candidates only, then the cap)."""
@@ -238,11 +246,12 @@ class HSPG(torch.optim.Optimizer):
         outside = None
         if stage == "half_space":
             self._to_device(norms)
-            outside = self._outside_top_k(norms) if self.scopes is not None else None
+            if self.scopes is not None:
+                outside, tail = self._candidates(norms)
         if subgradient:
             coeffs = reg.lam * reg.grad_coeffs(norms)
-            if outside is not None:  # the lam continuation on the candidates
-                coeffs = coeffs * torch.where(outside, self.lam_boost[self.scopes["scope"]], 1.0)
+            if outside is not None:
+                coeffs = torch.where(outside, tail, coeffs)
         updates = self._directions(self._penalty_directions(coeffs) if subgradient else {})
         if stage == "half_space":
             grouped = {p: d for _, params, ds in updates for p, d in zip(params, ds) if p in self._grouped}
