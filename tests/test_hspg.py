@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from wgsef.functional import wgsef_value
 from wgsef.groups.base import GroupBlock, GroupSet, Member
@@ -20,6 +19,7 @@ from wgsef.penalties.base import Regularizer
 from wgsef.penalties.group_lasso import GroupLasso
 from wgsef.penalties.ssl import SSL
 from wgsef.penalties.wgsef import WGSEF
+from wgsef.profiling import OpCounter
 
 
 def row_groups(rows, conv=True, lam=0.0, **kwargs):
@@ -445,18 +445,6 @@ def test_wgsef_hspg_never_drops_below_k_and_ends_at_k(scope):
     assert sum(before_finish) < len(pen.groups)  # the half-space stage zeroed groups before the finish
 
 
-class SyncCount(TorchDispatchMode):
-    """Counts host syncs: aten._local_scalar_dense is what .item(), bool() and int() of a tensor call."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.syncs += func.overloadpacket is torch.ops.aten._local_scalar_dense
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("penalty", ["group_lasso", "wgsef"])
 @pytest.mark.parametrize("max_group_sparsity", [None, 0.3])
 def test_half_space_step_makes_no_host_sync(penalty, max_group_sparsity):
@@ -469,6 +457,6 @@ def test_half_space_step_makes_no_host_sync(penalty, max_group_sparsity):
     for _ in range(2):  # the second step runs with every buffer and table in place
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        with SyncCount() as count:
+        with OpCounter() as count:
             opt.step()
-    assert count.syncs == 0
+    assert count.syncs == 0, count.sync_names
