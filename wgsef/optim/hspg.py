@@ -77,7 +77,7 @@ class HSPG(torch.optim.Optimizer):
     def __init__(self, params, regularizer: GroupPenalty, lr: float, n_p: int, eps_conv: float = 0.0,
                  eps_linear: float = 0.9, momentum: float = 0.0, weight_decay: float = 0.0,
                  stage1: str = "subgradient", max_group_sparsity: float | None = None,
-                 momentum_buffers: str = "per_stage", keep_top_k: bool = True, lam_growth: float = 2.0):
+                 momentum_buffers: str = "per_stage", keep_top_k: bool = True, lam_growth: float = 4.0):
         self.regularizer = require_group_penalty(regularizer, "hspg")
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or n_p < 0 or int(n_p) != n_p:
             raise ValueError(f"hspg needs lr > 0, 0 <= momentum < 1, weight_decay >= 0, an epoch n_p >= 0; "
@@ -270,7 +270,7 @@ class HSPG(torch.optim.Optimizer):
 def hspg(model: nn.Module, regularizer: Regularizer, lr: float, n_p: int = 5, eps_conv: float = 0.0,
          eps_linear: float = 0.9, momentum: float = 0.0, weight_decay: float = 0.0, stage1: str = "subgradient",
          max_group_sparsity: float | None = None, momentum_buffers: str = "per_stage", keep_top_k: bool = True,
-         lam_growth: float = 2.0) -> HSPG:
+         lam_growth: float = 4.0) -> HSPG:
     """HSPG over `model` for a group penalty; grouped parameters get no weight decay (the penalty replaces it)."""
     require_group_penalty(regularizer, "hspg")
     return HSPG(param_groups(model, regularizer, weight_decay), regularizer, lr=lr, n_p=n_p, eps_conv=eps_conv,
