@@ -119,7 +119,8 @@ def test_stage_one_is_prox_sgd_and_stage_two_starts_at_n_p():
             for a, b in zip(model.parameters(), ref.parameters()):
                 assert torch.allclose(a, b, atol=1e-12)
     opt.set_epoch(2)
-    assert opt.stage == "half_space" and opt.state_dict()["hspg"] == {"epoch": 2, "stage": "half_space", "lam_boost": None}
+    assert opt.stage == "half_space"
+    assert opt.state_dict()["hspg"] == {"epoch": 2, "stage": "half_space", "lam_boost": None}
 
 
 def test_subgradient_stage_adds_the_penalty_gradient():
@@ -328,7 +329,8 @@ class OTOReference:
     a documented difference; OTO's recipe uses momentum 0, where the two agree)."""
 
     def __init__(self, layers, rest, lam, lr, momentum, eps, shared):
-        self.layers, self.rest, self.lam, self.lr, self.m, self.eps, self.shared = layers, rest, lam, lr, momentum, eps, shared
+        self.layers, self.rest, self.lam, self.lr = layers, rest, lam, lr
+        self.m, self.eps, self.shared = momentum, eps, shared
         self.buffers = {}
 
     def _momentum(self, key, stage, d):

@@ -11,7 +11,8 @@ from wgsef.models.vgg import VGG
 # OTO's VGG16 and VGG16-BN (tianyic/only_train_once backend/vgg.py): see wgsef/models/vgg.py
 OTO_VGG = dict(conv_bias=True, hidden=(512, 512), dropout=0.5, init="fan_out")
 MODELS = {"lenet5": LeNet5, "vgg16": VGG, "resnet18": ResNet, "mobilenetv1": MobileNetV1,
-          "vgg16_oto": partial(VGG, batch_norm=False, **OTO_VGG), "vgg16_bn_oto": partial(VGG, batch_norm=True, **OTO_VGG)}
+          "vgg16_oto": partial(VGG, batch_norm=False, **OTO_VGG),
+          "vgg16_bn_oto": partial(VGG, batch_norm=True, **OTO_VGG)}
 
 
 def build(name: str, num_classes: int, in_channels: int, image_size: int, **kwargs) -> nn.Module:
