@@ -3,9 +3,9 @@
     python scripts/count_hspg_ops.py [--width 1.0] [--out results/hspg_ops]
 
 Operator calls and host syncs are counted by `wgsef.profiling.OpCounter`. Each optimizer takes one step
-first (buffers, workspace and device tables are built then), and the second step is counted. The dense
+first (buffers and device tables are built then), and the second step is counted. The dense
 reference is torch.optim.SGD (foreach) with the same momentum on the same model; "extra" is HSPG's count
-minus it, split into those inside GroupSet's methods (norms, dots, scale_), inside the penalty
+minus it, split into those inside GroupSet's methods (norms, dots, scale_, scaled), inside the penalty
 (grad_coeffs, prox_factors), and HSPG's own (wgsef/optim/hspg.py).
 Writes <out>.md, its first line the command that produced it.
 """
@@ -35,7 +35,7 @@ CASES = {  # name -> (penalty factory, hspg keyword arguments, epoch counted)
     "WGSEF layer scope, k-aware half-space": (lambda: WGSEF(1e-3, k=0.5), {"stage1": "prox"}, 1),
     "WGSEF global scope, k-aware half-space": (lambda: WGSEF(1e-3, k=0.5, scope="global"), {"stage1": "prox"}, 1),
 }
-PARTS = [("groupset", GroupSet, ("norms", "dots", "scale_"))] + [
+PARTS = [("groupset", GroupSet, ("norms", "dots", "scale_", "scaled"))] + [
     ("penalty", cls, ("grad_coeffs", "prox_factors")) for cls in (GroupLasso, WGSEF)]
 
 
@@ -73,7 +73,7 @@ class Parts:
 
 def counted_step(model, make_optimizer) -> tuple[OpCounter, Parts]:
     opt = make_optimizer(model)
-    opt.step()  # first step: buffers, workspace, device tables
+    opt.step()  # first step: buffers, device tables
     with OpCounter() as total, Parts() as parts:
         opt.step()
     return total, parts

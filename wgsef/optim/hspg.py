@@ -38,7 +38,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from wgsef.groups.base import GroupBlock, GroupSet, Member
+from wgsef.groups.base import GroupSet
 from wgsef.optim import param_groups, require_group_penalty
 from wgsef.penalties.base import GroupPenalty, Regularizer
 
@@ -106,7 +106,6 @@ class HSPG(torch.optim.Optimizer):
         self.scopes = self._scope_table(regularizer) if keep_top_k else None
         self.lam_boost = None if self.scopes is None else torch.ones(len(self.scopes["k"]))  # per scope
         self.epoch = 0
-        self._work: tuple[dict[Tensor, Tensor], GroupSet] | None = None
 
     @staticmethod
     def _scope_table(reg: GroupPenalty) -> dict[str, Tensor] | None:
@@ -170,22 +169,10 @@ class HSPG(torch.optim.Optimizer):
                 self.scopes = {k: v.to(like.device) for k, v in self.scopes.items()}
                 self.lam_boost = self.lam_boost.to(like)
 
-    def _workspace(self) -> tuple[dict[Tensor, Tensor], GroupSet]:
-        """One tensor per grouped parameter, and the same groups viewed on those tensors (built once)."""
-        if self._work is None:
-            groups = self.regularizer.groups
-            work = {p: torch.empty_like(p, memory_format=torch.preserve_format) for p in groups.params()}
-            shadow = GroupSet([GroupBlock(b.name, [Member(work[m.param], m.shape, m.group_axes) for m in b.members])
-                               for b in groups.blocks], scheme=groups.scheme)
-            self._work = work, shadow
-        return self._work
-
     def _penalty_directions(self, coeffs: Tensor) -> dict[Tensor, Tensor]:
-        """coeffs_g theta_g (+ the loss gradient) on every grouped parameter, in the workspace."""
-        work, shadow = self._workspace()
-        params = list(work)
-        torch._foreach_copy_(list(work.values()), params)
-        shadow.scale_(coeffs)
+        """coeffs_g theta_g (+ the loss gradient) on every grouped parameter (new tensors)."""
+        params = self.regularizer.groups.params()
+        work = dict(zip(params, self.regularizer.groups.scaled(coeffs)))
         with_grad = [p for p in params if p.grad is not None]
         if with_grad:
             torch._foreach_add_([work[p] for p in with_grad], [p.grad for p in with_grad])
