@@ -4,6 +4,7 @@ the same code path as the command line (experiments.train.cli), without a Python
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,23 +188,40 @@ def test_runs_in_the_same_second_get_their_own_directories(home, monkeypatch, ca
     assert [json.loads((d / "summary.json").read_text())["seed"] for d in dirs] == [1, 2]
 
 
-def test_parallel_launches_never_share_a_directory(home):
-    args = [sys.executable, "-m", "experiments.train", *tiny(home)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([*args, f"seed={s}"], cwd=home, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for s in (1, 2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
-    assert all("No CUDA runtime" not in e for _, e in outs)
-    summaries = sorted((home / "runs").rglob("summary.json"))
-    assert len(summaries) == 2 and {json.loads(p.read_text())["seed"] for p in summaries} == {1, 2}
+def test_parallel_launches_never_share_a_directory(tmp_path):
+    """Two processes started together get different run ids, and a new directory is claimed exclusively: the
+    second process to create it is refused instead of sharing it."""
+    from wgsef.rundir import claim
+    from wgsef.schema import ConfigError
+
+    code = "from wgsef.rundir import run_id; print(run_id())"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    ids = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert len(set(ids)) == 2, ids
+    assert claim(tmp_path / "a" / "run") == [tmp_path / "a" / "run", tmp_path / "a"]
+    with pytest.raises(ConfigError, match="just created by another process"):
+        claim(tmp_path / "a" / "run")
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory):
+    """A completed one-epoch run (trained once for the module)."""
+    from experiments.train import cli as main
+
+    home = tmp_path_factory.mktemp("one_run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(home)
+        mp.setattr(sys, "argv", ["train", *tiny(home, "hydra.run.dir=runs/mine")])
+        main()
+    return home / "runs" / "mine"
 
 
 @pytest.fixture
-def finished(home, monkeypatch, capsys):
-    """A completed one-epoch run in runs/mine, with a user's file beside its files."""
-    code, err, _ = cli(monkeypatch, capsys, *tiny(home, "hydra.run.dir=runs/mine"))
-    assert code == 0, err
+def finished(home, one_run):
+    """That run copied to runs/mine of the user's folder, with a user's file beside its files."""
+    shutil.copytree(one_run, home / "runs" / "mine")
     (home / "runs" / "mine" / "my_notes.txt").write_text("mine")
     return home / "runs" / "mine"
 
@@ -212,7 +230,7 @@ def finished(home, monkeypatch, capsys):
     ([], "already holds a run: resume=true continues it, overwrite=true replaces it"),
     (["seed=1"], "already holds a run"),
     (["resume=true", "seed=1"], "resume=true, but"),
-    (["resume=true", "trainer.epochs=2"], "holds a different run (trainer.epochs: 1 -> 2"),
+    (["resume=true", "trainer.epochs=2"], "trainer.epochs: 1 -> 2"),
     (["resume=true", "method=wgsef"], "holds a different run ("),
 ], ids=["again", "other seed", "resume other seed", "resume other epochs", "resume other method"])
 def test_refused_reuse_changes_nothing(finished, monkeypatch, capsys, args, message):

@@ -103,9 +103,9 @@ def clear_previous(run_dir: Path) -> None:
 
 
 def claim(run_dir: Path) -> list[Path]:
-    """Create run_dir and its missing parents; returns those this call created, deepest first. The leaf is
-    created exclusively, so two processes never share a new directory."""
-    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    """Create the new run_dir and its missing parents; returns those this call created, deepest first. The
+    leaf is created exclusively, so two processes never share a new directory."""
+    missing = [run_dir, *(p for p in run_dir.parents if not p.exists())]
     for p in reversed(missing):
         try:
             p.mkdir(exist_ok=p != run_dir)
@@ -157,8 +157,9 @@ class Guard(Callback):
             c = validate(config)
             run_dir = Path(str(config.hydra.run.dir)).absolute()
             check_location(run_dir, location_key(config.hydra, c))
+            existed = run_dir.exists()
             STATE.decisions[run_dir] = decide(run_dir, c)
-            STATE.created[run_dir] = claim(run_dir)
+            STATE.created[run_dir] = [] if existed else claim(run_dir)
         except ConfigError as e:
             raise Refused(e) from None
 
