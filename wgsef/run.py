@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -181,8 +180,11 @@ def run(cfg, run_dir: str | Path, method: str = "", prepare: Callable[[], None] 
     validate(cfg)
     d, device = distributed.setup(resolve_device(cfg.trainer.device))
     own_dir, run_dir = Path(run_dir), Path(distributed.broadcast(str(run_dir), d))
-    if not d.main and own_dir != run_dir:  # Hydra made one directory per process
-        shutil.rmtree(own_dir, ignore_errors=True)
+    if not d.main and own_dir != run_dir:  # Hydra made one (empty) directory per process: remove it if still so
+        try:
+            own_dir.rmdir()
+        except OSError:
+            pass
     trainer = build(cfg, run_dir, d, device)
     resumed = bool(cfg.resume) and trainer.resume()
     if d.main:

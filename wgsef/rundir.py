@@ -155,6 +155,8 @@ class Guard(Callback):
     def on_run_start(self, config, **kwargs) -> None:
         try:
             c = validate(config)
+            if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 checks and claims the directory for all
+                return
             run_dir = Path(str(config.hydra.run.dir)).absolute()
             check_location(run_dir, location_key(config.hydra, c))
             existed = run_dir.exists()
