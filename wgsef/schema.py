@@ -20,7 +20,7 @@ import inspect
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -118,9 +118,8 @@ def fits(value, ann) -> bool:
     container = origin or ann
     if isinstance(container, type) and issubclass(container, Mapping):
         return isinstance(value, dict)
-    if isinstance(container, type) and issubclass(container, (Sequence, Iterable)) and container is not str:
-        return isinstance(value, list) and all(fits(v, args[0]) for v in value) if args and origin is not tuple \
-            else isinstance(value, list)
+    if isinstance(container, type) and issubclass(container, Iterable) and container is not str:
+        return isinstance(value, list) and (not args or origin is tuple or all(fits(v, args[0]) for v in value))
     return True  # classes the config cannot spell (tensors, modules): the target checks them
 
 
