@@ -286,3 +286,14 @@ def test_make_clean_keeps_runs_unless_confirmed(tmp_path):
     assert not (tmp_path / ".pytest_cache").exists() and not (tmp_path / "wgsef/__pycache__").exists()
     r = subprocess.run([*make, "CONFIRM=1"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and not (tmp_path / "runs").exists(), r.stderr
+
+
+def test_sweep_member_refused_reuse_changes_nothing_and_fails_the_sweep(home, monkeypatch, capsys):
+    sweep = ["-m", *tiny(home, "hydra.sweep.dir=sweep")]
+    code, err, out = cli(monkeypatch, capsys, *sweep, "seed=0")
+    assert code == 0 and out[-1].startswith("completed: "), err  # after Hydra's "Launching ..." lines
+    before = snapshot(home / "sweep" / "0")  # (Hydra rewrites the sweep's own multirun.yaml each time)
+    code, err, _ = cli(monkeypatch, capsys, *sweep, "seed=1")  # member 0 again, another config
+    report = [line for line in err if line.startswith("sweep member ")]
+    assert code == 1 and len(report) == 1 and "seed=1 failed: " in report[0] and "already holds a run" in report[0], err
+    assert snapshot(home / "sweep" / "0") == before
