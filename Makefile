@@ -99,5 +99,12 @@ bench-hspg: $(STAMP) ## operator calls and host syncs of an HSPG step vs a dense
 
 bench: bench-prox bench-compaction bench-gblr bench-step bench-hspg ## every CPU benchmark
 
-clean: ## remove run directories and caches (keeps .venv and results/)
-	rm -rf runs outputs multirun .pytest_cache
+clean: ## remove caches; run directories (runs/ ...) only after a "y" at the prompt, or with CONFIRM=1
+	rm -rf .pytest_cache
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	@dirs="$$(ls -d runs outputs multirun 2>/dev/null | tr '\n' ' ')"; [ -n "$$dirs" ] || exit 0; \
+	if [ "$(CONFIRM)" != 1 ]; then \
+	  answer=n; [ -t 0 ] && read -r -p "delete $$dirs(every run, paper-table sweeps included)? [y/N] " answer; \
+	  if [ "$$answer" != y ]; then echo "kept $$dirs(CONFIRM=1 make clean deletes them)"; exit 0; fi; \
+	fi; \
+	rm -rf $$dirs && echo "deleted $$dirs"

@@ -1,10 +1,13 @@
 """Train one model: `python -m experiments.train [overrides]`, or a sweep with `-m`.
 
-Bad input stops with one line on stderr and exit code 2, leaving no run directory behind. In a multirun a
-failing member records `status: failed` in its own summary.json and the sweep goes on.
+Bad input stops with one line on stderr and exit code 2 before any work, leaving nothing behind that this
+process did not create (wgsef.schema checks the config, wgsef.rundir the run directory). A run ends with one
+line on stdout: status, accuracy, sparsity, FLOPs reduction, speedup, run directory. In a multirun a failing
+member records `status: failed` in its own summary.json and the sweep goes on; at the end the sweep lists
+its failed members (their overrides) and exits 1.
 """
+import json
 import os
-import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -12,13 +15,15 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from wgsef.data import DatasetNotFound
+from wgsef.rundir import STATE, Refused, clear_previous, decide, failed_record, is_empty, release, run_id
 from wgsef.run import register_resolvers, run, write_json
+from wgsef.schema import GROUPS, validate
 from wgsef.train import CheckpointError, first_line
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger", "method", "experiment", "hparams_search")
 USER_ERRORS = (ValueError, DatasetNotFound, CheckpointError)
 
 
@@ -51,30 +56,101 @@ def objective(spec, summary: dict) -> float:
     return float(spec.value) if shortfall <= 0 else -float(shortfall)
 
 
+def one_line_summary(summary: dict, run_dir: Path) -> str:
+    """The line a run prints on stdout at its end."""
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    def times(v):
+        return "n/a" if v is None else f"{v:.2f}x"
+    final = summary.get("final") or {}
+    speedups = " ".join(f"{times(v)} (batch {k.rsplit('_b', 1)[1]})" for k, v in summary.items()
+                        if k.startswith("speedup_cpu_b")) or "n/a"
+    return (f"{summary['status']}: final test acc {pct(final.get('test_acc'))}, group sparsity "
+            f"{pct(final.get('group_sparsity'))}, FLOPs reduction {times(summary.get('flops_reduction'))}, "
+            f"CPU speedup {speedups}, run {run_dir}")
+
+
+def save_hydra_files(run_dir: Path, cfg, hc) -> None:
+    """What Hydra writes to .hydra/ (hydra.output_subdir is null so that it does not before the checks)."""
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", {"hydra": hc}), ("overrides.yaml", hc.overrides.task)):
+        OmegaConf.save(node, run_dir / ".hydra" / name)
+
+
+def record_member(hc, status: str, error: str | None, run_dir: Path) -> None:
+    """A multirun member's outcome, for the sweep's final report (cli); one file per member."""
+    sweep_id = os.environ.get("WGSEF_SWEEP_ID")
+    if sweep_id:
+        folder = Path(hc.sweep.dir) / f".members-{sweep_id}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json({"status": status, "error": error, "overrides": list(hc.overrides.task), "run_dir": str(run_dir)},
+                   folder / f"{hc.job.num}.json")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="train")
 def main(cfg) -> float | None:
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
+    run_dir = Path(hc.runtime.output_dir).absolute()
+    multirun = hc.mode == RunMode.MULTIRUN
+    ours = multirun and (is_empty(run_dir) or failed_record(run_dir))  # a member may record its failure here
+    decision = STATE.decisions.get(run_dir)
+
+    def prepare():  # the config is accepted: from here on the run writes into run_dir
+        if decision == "overwrite":
+            clear_previous(run_dir)
+        save_hydra_files(run_dir, cfg, hc)
+
     try:
-        summary = run(cfg, run_dir, default_method(hc.runtime.choices))
+        if multirun:  # single runs were checked by wgsef.rundir.Guard before Hydra made the directory
+            decision = decide(run_dir, validate(cfg, hc))
+        summary = run(cfg, run_dir, default_method(hc.runtime.choices), prepare=prepare)
     except Exception as e:
         message = first_line(e)
-        if hc.mode == RunMode.MULTIRUN:  # record the failure, let the other members run
-            write_json({"status": "failed", "error": message, "traceback": traceback.format_exc()},
-                       run_dir / "summary.json")
+        if multirun:  # record the failure, let the other members run
+            if ours:
+                if not (run_dir / ".hydra").exists():
+                    save_hydra_files(run_dir, cfg, hc)
+                write_json({"status": "failed", "error": message, "overrides": list(hc.overrides.task),
+                            "traceback": traceback.format_exc()}, run_dir / "summary.json")
+            record_member(hc, "failed", message, run_dir)
             print(f"run {run_dir} failed: {message}", file=sys.stderr)
             return
         if not isinstance(e, USER_ERRORS):
             raise
-        if not (run_dir / "checkpoints").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
+        release(STATE.created.get(run_dir, []))  # only what this process created
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    if summary["status"] == "diverged" and hc.mode != RunMode.MULTIRUN:
-        print(f"diverged: {summary['error']} (last good checkpoint kept in {run_dir / 'checkpoints'})",
-              file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        print(one_line_summary(summary, run_dir), flush=True)
+    if multirun:
+        record_member(hc, summary["status"], summary["error"], run_dir)
+    elif summary["status"] == "diverged":
+        ckpt = run_dir / "checkpoints" / "last.pt"
+        kept = (f"the last good epoch's checkpoint is kept in {ckpt}" if ckpt.exists()
+                else "no checkpoint was written (it diverged in the first epoch)")
+        print(f"diverged: {summary['error']}; {kept}", file=sys.stderr)
         sys.exit(1)
     return objective(cfg.objective, summary) if cfg.get("objective") is not None else None
+
+
+def sweep_report() -> int:
+    """After a multirun: list the members that failed (their overrides) on stderr; 1 if any, else 0."""
+    folder = STATE.sweep_dir and STATE.sweep_dir / f".members-{os.environ.get('WGSEF_SWEEP_ID')}"
+    if not folder or not folder.is_dir():
+        return 0
+    members = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"), key=lambda p: int(p.stem))]
+    for p in folder.iterdir():  # the folder is this sweep's own
+        p.unlink()
+    folder.rmdir()
+    failed = [m for m in members if m["status"] == "failed"]
+    for m in members:
+        if m["status"] != "completed":
+            print(f"sweep member {' '.join(m['overrides']) or '(no overrides)'} {m['status']}: {m['error']} "
+                  f"({m['run_dir']})", file=sys.stderr)
+    if failed:
+        print(f"error: {len(failed)} of {len(members)} sweep members failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cli() -> None:
@@ -84,12 +160,16 @@ def cli() -> None:
 
     register_resolvers()
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let composition errors reach us instead of a report
+    os.environ["WGSEF_SWEEP_ID"] = run_id()  # marks this invocation's multirun members (launchers inherit it)
+    STATE.sweep_dir = None
     try:
         check_group_choices(sys.argv[1:])
         main()
-    except (ValueError, HydraException, OmegaConfBaseException) as e:
+    except (ValueError, HydraException, OmegaConfBaseException, Refused) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(2)
+    if sweep_report():
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -6,16 +7,22 @@ from hydra import compose, initialize_config_dir
 
 from wgsef.run import register_resolvers
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+# Intra-op threads of every test (and of the runs tests start: OMP_NUM_THREADS is inherited). 1 by default;
+# WGSEF_TEST_THREADS=2 runs the suite with 2, to check that no test depends on one thread count's arithmetic.
+THREADS = int(os.environ.get("WGSEF_TEST_THREADS", "1"))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():
-    """Seeded, and on one intra-op thread: the test models are tiny, and on a 2-core machine shared with
-    another process OpenMP threads waiting on each other make them many times slower."""
+    """Seeded, and on THREADS intra-op threads (1 unless WGSEF_TEST_THREADS says otherwise): the test models
+    are tiny, and on a 2-core machine shared with another process OpenMP threads waiting on each other make
+    them many times slower."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     yield
     torch.set_num_threads(threads)
 

@@ -84,8 +84,10 @@ def smoke_cfg(make_cfg, data_root, *overrides):
     extra = ["+dataset.limit=32"]  # images per split
     if cfg.dataset.name != "digits":
         extra += [f"dataset.root={data_root}", "dataset.download=false"]
-    if "width" in cfg.model:
+    if "width" in cfg.model and cfg.model.name != "lenet5":
         extra.append("model.width=0.125")
+    if "n_p" in cfg.optimizer:  # HSPG's half-space epoch inside the one-epoch smoke run (the schema checks it)
+        extra.append("optimizer.n_p=0")
     return make_cfg(*overrides, *extra, *SMOKE)
 
 

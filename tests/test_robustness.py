@@ -1,6 +1,7 @@
 """Runs that survive: bad configs rejected up front, SIGKILL at any moment resumes exactly, corrupt
 checkpoints and divergence reported clearly, a failing sweep member spoils nothing."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,13 +31,13 @@ BAD = [
     (["trainer.batch_size=0"], "trainer.batch_size must be an integer >= 1"),
     (["trainer.epochs=0"], "trainer.epochs must be an integer >= 1"),
     (["trainer.num_workers=-1"], "trainer.num_workers must be an integer >= 0"),
-    (["trainer.device=tpu"], "device must be auto, cpu or cuda"),
+    (["trainer.device=tpu"], "trainer.device must be one of auto, cpu, cuda"),
     (["trainer.device=cuda"], "no CUDA GPU is visible"),
     (["dataset=cifar10", "dataset.root=/nonexistent", "dataset.download=false"], "cifar10 not found in /nonexistent"),
     (["dataset=fashion_mnist", "dataset.root=/nonexistent", "dataset.download=false"], "fashion_mnist not found"),
     (["dataset.image_size=4"], "lenet5 needs images of at least 12x12 pixels"),
     (["model=nonsense,lenet5"], "unknown model 'nonsense'"),
-    (["method=gblr", "optimizer=hspg"], "optimizer hspg needs a group penalty regularizer"),
+    (["method=gblr", "optimizer=hspg", "optimizer.n_p=1"], "optimizer hspg needs a group penalty regularizer"),
     (["method=srste", "optimizer=prox_sgd"], "optimizer prox_sgd needs a group penalty regularizer"),
     (["method=ssl", "model=vgg16", "model.width=0.125", "~regularizer.lams.shape", "+regularizer.lams.depth=1e-3"],
      "depth"),
@@ -113,6 +114,7 @@ def test_sigkill_then_resume_is_exact(tmp_path, uninterrupted, moment):
 
 
 def test_corrupt_checkpoint_reported(tmp_path, uninterrupted):
+    shutil.copy(uninterrupted / "config.yaml", tmp_path)  # the same run, so resume=true tries its checkpoint
     ckpt = tmp_path / "checkpoints" / "last.pt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"not a checkpoint")
@@ -128,7 +130,9 @@ def test_divergence_stops_with_status(tmp_path):
     r = train(*FAST, f"hydra.run.dir={tmp_path}", "optimizer.lr=0.05", "scheduler=step",
               "scheduler.milestones=[1]", "scheduler.gamma=1e8")
     assert r.returncode == 1
-    assert "at epoch 2, step" in r.stderr
+    assert "at epoch 2, step" in r.stderr and f"checkpoint is kept in {tmp_path / 'checkpoints' / 'last.pt'}" in r.stderr
+    assert "No CUDA runtime" not in r.stderr
+    assert r.stdout.strip().splitlines() == [r.stdout.strip()] and r.stdout.startswith("diverged: ")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["epochs"] == 1
     assert (tmp_path / "checkpoints" / "last.pt").exists()  # the last good epoch's checkpoint is kept
@@ -137,7 +141,10 @@ def test_divergence_stops_with_status(tmp_path):
 
 def test_failing_sweep_member_isolated(tmp_path):
     r = train("-m", *FAST, "trainer.epochs=1", "trainer.batch_size=64,0,32", f"hydra.sweep.dir={tmp_path}")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 1, r.stderr[-2000:]  # the sweep went on, then says which member failed
+    assert "sweep member" in r.stderr and "trainer.batch_size=0 failed" in r.stderr
+    assert "1 of 3 sweep members failed" in r.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.glob(".members-*"))  # the sweep's bookkeeping is gone
     status = {d.name: json.loads((d / "summary.json").read_text())["status"] for d in tmp_path.iterdir() if d.is_dir()}
     assert status == {"0": "completed", "1": "failed", "2": "completed"}
     assert "batch_size" in json.loads((tmp_path / "1" / "summary.json").read_text())["error"]

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,18 +17,23 @@ import torch
 from wgsef import distributed
 from wgsef.distributed import Dist
 from wgsef.logging import NullLogger
-from wgsef.train import Diverged, Trainer, check_options, first_line, prepare_model, resolve_device, seed_everything
+from wgsef.train import Diverged, Trainer, finite_weights, first_line, prepare_model, resolve_device, seed_everything
 
 
 def epoch_at(fraction: float, epochs: int) -> int:
-    """Config resolver `${epoch_at:0.25,${trainer.epochs}}`: an epoch given as a fraction of the run."""
-    return int(round(float(fraction) * int(epochs)))
+    """Config resolver `${epoch_at:0.25,${trainer.epochs}}`: an epoch given as a fraction of the run; a
+    fraction below 1 stays inside the run (at most the last epoch, numbered from 0)."""
+    epoch = int(round(float(fraction) * int(epochs)))
+    return min(epoch, max(int(epochs) - 1, 0)) if float(fraction) < 1 else epoch
 
 
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
+    from wgsef.rundir import run_id
+
     OmegaConf.register_new_resolver("epoch_at", epoch_at, replace=True)
+    OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)
 
 
 def method_label(choices) -> str:
@@ -79,13 +85,9 @@ def instantiate(node, *args, **kwargs):
         raise
 
 
-def check_trainer(t) -> None:
-    for key in ("epochs", "batch_size"):
-        if not isinstance(t[key], int) or t[key] < 1:
-            raise ValueError(f"trainer.{key} must be an integer >= 1, got {t[key]!r}")
-    if not isinstance(t.num_workers, int) or t.num_workers < 0:
-        raise ValueError(f"trainer.num_workers must be an integer >= 0, got {t.num_workers!r}")
-    check_options(t.precision, t.channels_last, t.compile)
+def show_progress(setting) -> bool:
+    """trainer.progress: true | false | auto (a tqdm bar only when stdout and stderr are terminals)."""
+    return sys.stdout.isatty() and sys.stderr.isatty() if setting == "auto" else bool(setting)
 
 
 def build(cfg, run_dir: Path, d: Dist, device: torch.device) -> Trainer:
@@ -112,7 +114,7 @@ def build(cfg, run_dir: Path, d: Dist, device: torch.device) -> Trainer:
     logger = (instantiate(cfg.logger)(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
               if d.main else NullLogger())
     return Trainer(model, loaders, optimizer, scheduler, regularizer, epochs=cfg.trainer.epochs, device=device,
-                   run_dir=run_dir, logger=logger, generator=generator, progress=cfg.trainer.progress, dist=d,
+                   run_dir=run_dir, logger=logger, generator=generator, progress=show_progress(cfg.trainer.progress), dist=d,
                    precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last)
 
 
@@ -164,28 +166,41 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
     return out
 
 
-def run(cfg, run_dir: str | Path, method: str = "") -> dict:
+def run(cfg, run_dir: str | Path, method: str = "", prepare: Callable[[], None] | None = None) -> dict:
     """Train as `cfg` says inside `run_dir`; write and return summary.json's content.
 
-    Under torchrun every rank calls this; rank 0's run directory is used by all, and only rank 0 writes.
+    The config is checked first (wgsef.schema); nothing is written into run_dir until the model is built and
+    a resume has loaded, then `prepare()` (the entry point's: .hydra/ files) and config.yaml. Under torchrun
+    every rank calls this; rank 0's run directory is used by all, and only rank 0 writes.
     """
     from omegaconf import OmegaConf
 
-    check_trainer(cfg.trainer)
+    from wgsef.schema import validate
+
+    validate(cfg)
     d, device = distributed.setup(resolve_device(cfg.trainer.device))
     own_dir, run_dir = Path(run_dir), Path(distributed.broadcast(str(run_dir), d))
-    if not d.main and own_dir != run_dir:  # Hydra made one directory per process
-        shutil.rmtree(own_dir, ignore_errors=True)
+    if not d.main and own_dir != run_dir:  # Hydra made one (empty) directory per process: remove it if still so
+        try:
+            own_dir.rmdir()
+        except OSError:
+            pass
     trainer = build(cfg, run_dir, d, device)
+    resumed = bool(cfg.resume) and trainer.resume()
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if prepare is not None:
+            prepare()
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    resumed = bool(cfg.resume) and trainer.resume()
     status, error = "completed", None
     try:
         state = trainer.fit()
     except Diverged as e:
         status, error, state = "diverged", str(e), trainer.state
+    except (ValueError, RuntimeError) as e:  # a check that met non-finite values (e.g. a prox's inputs)
+        if finite_weights(trainer.model):
+            raise
+        status, error, state = "diverged", f"{first_line(e)} (epoch {trainer.state.epoch + 1})", trainer.state
     final = state.history[-1] if state.history else {}
     summary = {
         "status": status, "error": error, "method": cfg.get("label") or method, "seed": cfg.seed,

@@ -39,6 +39,11 @@ def first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def finite_weights(model: nn.Module) -> bool:
+    """Every parameter finite, and small enough that its squared norm is too (what a prox computes)."""
+    return all(bool(torch.isfinite(p.detach().float().square().sum())) for p in model.parameters())
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -246,8 +251,11 @@ class Trainer:
                 total.backward()
                 self.optimizer.step()
                 self.regularizer.after_step(self.optimizer.param_groups[-1]["lr"])  # the weights' lr (last group)
-            except Exception:
+            except Exception as e:
                 check(step)  # a method that chokes on NaN inputs: report the divergence that caused it
+                if isinstance(e, (ValueError, RuntimeError)) and not finite_weights(self.model):
+                    # weights too large for their norms (a prox's input check): divergence, off the hot path
+                    raise Diverged(f"{first_line(e)} at epoch {epoch + 1}, step {step + 1}") from e
                 raise
             with torch.no_grad():
                 loss_sum += loss.detach() * len(y)
