@@ -1,11 +1,14 @@
-"""ProxSGD = SGD on the loss gradient, then the penalty's prox at the current learning rate."""
+"""ProxSGD / ProxAdamW = the base optimizer's step on the loss gradient, then the penalty's prox at the
+current learning rate (one `Proximal` wrapper)."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
+from wgsef.functional import wgsef_prox
 from wgsef.optim import param_groups
+from wgsef.optim.prox_adamw import prox_adamw
 from wgsef.optim.prox_sgd import ProxSGD, prox_sgd
 from wgsef.penalties.base import Regularizer
 from wgsef.penalties.wgsef import WGSEF
@@ -113,3 +116,63 @@ def test_grouped_params_must_share_one_param_group():
     halves = reg.groups.params()
     with pytest.raises(ValueError, match="one param group"):
         ProxSGD([{"params": halves[:1]}, {"params": halves[1:]}], reg, lr=0.1)
+
+
+def group_slices(net):
+    """Per layer, per filter group: the explicit tensor slices (views) of `setup`'s network."""
+    conv0, bn1, conv3, fc6 = net[0], net[1], net[3], net[6]
+    return [[[conv0.weight[o], conv0.bias[o], bn1.weight[o], bn1.bias[o]] for o in range(4)],
+            [[conv3.weight[o], conv3.bias[o]] for o in range(6)],
+            [[fc6.weight[o], fc6.bias[o]] for o in range(5)]]
+
+
+@torch.no_grad()
+def functional_prox_(net, k, mu):
+    """The prox of mu * WGSEF_k per layer, applied with wgsef.functional on explicit slices; the smallest
+    factor it scaled a group by."""
+    smallest = 1.0
+    for layer in group_slices(net):
+        a = torch.stack([sum(t.pow(2).sum() for t in group).sqrt() for group in layer])
+        factors = wgsef_prox(a, k, mu) / a
+        smallest = min(smallest, float(factors.min()))
+        for group, f in zip(layer, factors):
+            for t in group:
+                t.mul_(f)
+    return smallest
+
+
+@pytest.mark.parametrize("factory, base, kw", [
+    (prox_sgd, torch.optim.SGD, {"momentum": 0.9}),
+    (prox_adamw, torch.optim.AdamW, {"betas": (0.8, 0.99), "eps": 1e-6}),
+])
+def test_step_is_the_base_step_then_the_functional_prox(factory, base, kw):
+    net, reg = setup()
+    ref_net = copy.deepcopy(net)
+    slices = group_slices(net)
+    assert torch.allclose(torch.stack([sum(t.pow(2).sum() for t in g).sqrt() for layer in slices for g in layer]),
+                          reg.groups.norms())  # the slices are the penalty's groups
+    opt = factory(net, reg, lr=0.05, weight_decay=1e-2, **kw)
+    grouped = [p for i in (0, 1, 3, 6) for p in ref_net[i].parameters()]
+    rest = list(ref_net[8].parameters())
+    ref = base([{"params": grouped, "weight_decay": 0.0}, {"params": rest, "weight_decay": 1e-2}], lr=0.05, **kw)
+    sched, ref_sched = step_lr(opt), step_lr(ref)
+    shrink = []
+    for x, y in batches(3):
+        for n, o in ((net, opt), (ref_net, ref)):
+            o.zero_grad()
+            nn.functional.cross_entropy(n(x), y).backward()
+        opt.step()
+        ref.step()
+        shrink.append(functional_prox_(ref_net, 2, ref.param_groups[0]["lr"] * 2.0))
+        sched.step()
+        ref_sched.step()
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert min(shrink) < 0.95  # the prox did shrink groups: the test can tell a missing prox
+
+
+def test_prox_adamw_grouped_params_have_no_weight_decay():
+    net, reg = setup()
+    opt = prox_adamw(net, reg, lr=1e-3, weight_decay=0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.1]
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in reg.groups.params()}

@@ -77,8 +77,8 @@ class GroupPenalty(Regularizer):
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        # the penalty replaces weight decay on the grouped parameters
-        return [{"params": self.groups.params(), "weight_decay": 0.0}]
+        # the penalty replaces weight decay on the grouped parameters; with lam = 0 there is none to replace it
+        return [{"params": self.groups.params(), "weight_decay": 0.0}] if self.lam > 0 else []
 
     def norm_value(self, a: Tensor) -> Tensor:
         raise NotImplementedError

@@ -2,9 +2,19 @@
 
 Scope `layer` evaluates WGSEF on each block of the GroupSet (a layer, or a set of coupled layers) with
 its own k_l; scope `global` evaluates one WGSEF over all groups with one k. A prox step never leaves
-fewer than k groups nonzero, so exactly k groups come from HSPG or from the k-level finish here:
-at epoch `finish_epoch` the k largest-norm groups of each scope are kept, the rest zeroed, the prox
-stops and the zeroed groups are held at zero after every step (a fine-tune of the chosen structure).
+fewer than k groups nonzero, so exactly k groups per scope come from HSPG or from the end of the
+sparsification phase here, at epoch `finish_epoch`, in one of two ways (`finish`):
+
+  top_k         the k largest-norm groups of each scope are kept, the rest zeroed (a hard projection).
+  continuation  lam grows geometrically, epoch by epoch, from `lam` at `continuation_start` to `lam_final`
+                at finish_epoch (a homotopy); each prox step is followed by a per-scope rescale (see
+                `_rescale`), and a scope whose prox leaves exactly k groups is held at once. At finish_epoch
+                every scope still open takes one closing prox step with mu_close, the smallest mu for
+                which one prox step leaves exactly k groups (closed form, `closing_mu`): the prox itself,
+                never a top-k, makes the last zeros (a top-k only breaks exact ties, where no mu can).
+
+Held scopes are fine-tuned: their prox is off and their zero groups are set back to zero after every
+step. `lam: 0` with `finish: top_k` is magnitude (group-norm) pruning: dense training, top-k, fine-tune.
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ from wgsef.penalties.base import GroupPenalty
 
 SCOPES = ("layer", "global")
 WEIGHTS = ("ones", "size", "flops")
+FINISHES = ("top_k", "continuation")
 
 
 def parse_k(k) -> int | float:
@@ -41,22 +52,56 @@ def group_weights(groups: GroupSet, kind: str) -> Tensor:
     return raw / raw.mean()
 
 
+@torch.no_grad()
+def closing_mu(a: Tensor, k: int, weights: Tensor | None = None) -> tuple[float, Tensor]:
+    """The smallest mu for which one prox step of mu * WGSEF_{k,d} at norms a leaves exactly k groups, and
+    the keep mask of those k groups. Needs more than k nonzero norms.
+
+    With s = sqrt(d) a, the prox zeroes j iff gamma s_j <= mu d_j and keeps i whole (theta_i = 1) iff
+    gamma s_i >= 1 + mu d_i; with exactly k groups left all k are whole (sum theta = k). A gamma doing
+    both exists iff mu (s_i / r_next - d_i) >= 1 for every kept i, where the kept groups are the top k by
+    r = a / sqrt(d) and r_next is the (k+1)-th r. The prox at that mu scales kept groups by 1 / (1 + mu d_i)
+    and zeroes the rest. A kept group tied with r_next (s_i / r_next = d_i) has no finite mu: ties are
+    broken by torch.topk and ignored in the max (mu = 0 when every kept group is tied).
+    """
+    d = torch.ones_like(a) if weights is None else weights.to(a)
+    r = a / d.sqrt()
+    top = r.topk(k + 1)
+    head, r_next = top.indices[:k], top.values[k]
+    gap = a[head] * d[head].sqrt() / r_next - d[head]
+    mu = float(gap[gap > 0].reciprocal().max()) if bool((gap > 0).any()) else 0.0
+    keep = torch.zeros_like(a, dtype=torch.bool)
+    keep[head] = True
+    return mu, keep
+
+
 class WGSEF(GroupPenalty):
     name = "wgsef"
 
     def __init__(self, lam: float, k: int | float, scheme: str = "filter", scope: str = "layer",
                  weights: str = "ones", layers: list[str] | None = None, block: tuple[int, int] | None = None,
-                 finish_epoch: int | None = None):
+                 finish_epoch: int | None = None, finish: str = "top_k", lam_final: float = 100.0,
+                 continuation_start: int = 0):
         super().__init__(lam)
         for value, allowed, what in ((scheme, SCHEMES, "scheme"), (scope, SCOPES, "scope"),
-                                     (weights, WEIGHTS, "weights")):
+                                     (weights, WEIGHTS, "weights"), (finish, FINISHES, "finish")):
             if value not in allowed:
                 raise ValueError(f"unknown {what} '{value}'; choose one of {', '.join(allowed)}")
-        if finish_epoch is not None and (not isinstance(finish_epoch, Integral) or finish_epoch < 0):
-            raise ValueError(f"finish_epoch must be an epoch number >= 0 or null, got {finish_epoch!r}")
+        for value, what in ((finish_epoch, "finish_epoch"), (continuation_start, "continuation_start")):
+            if value is not None and (not isinstance(value, Integral) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{what} must be an epoch number >= 0, got {value!r}")
+        if finish == "continuation" and not (lam > 0 and finish_epoch is not None and finish_epoch > continuation_start):
+            raise ValueError(f"finish=continuation needs lam > 0 and finish_epoch > continuation_start, got lam={lam}, "
+                             f"finish_epoch={finish_epoch}, continuation_start={continuation_start}")
+        if not (isinstance(lam_final, Real) and lam <= lam_final < math.inf):
+            raise ValueError(f"lam_final must be a number >= lam, got {lam_final!r}")
         self.k, self.scheme, self.scope, self.weights = parse_k(k), scheme, scope, weights
         self.layers, self.block, self.finish_epoch = layers, block, finish_epoch
-        self.keep: Tensor | None = None  # groups kept by the k-level finish (None before it)
+        self.finish_mode, self.lam_final, self.continuation_start = finish, float(lam_final), continuation_start
+        self.lam0 = self.lam
+        self.held: Tensor | None = None  # per group: its scope's support is fixed (prox off); None: none yet
+        self.keep: Tensor | None = None  # per group: may be nonzero (True on scopes still open)
+        self.all_held = False
         self.finish: dict[str, float] = {}
 
     def build_groups(self, model: nn.Module, example_input: Tensor) -> GroupSet:
@@ -69,6 +114,8 @@ class WGSEF(GroupPenalty):
         # a count is capped at the scope's groups; a fraction keeps round-half-up(frac * n) groups, at least 1
         self.ks = [min(n, self.k) if isinstance(self.k, int) else max(1, math.floor(self.k * n + 0.5))
                    for n in sizes]
+        self.scope_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # scope of each group
+        self.k_of_scope = torch.tensor(self.ks)
         self.d = group_weights(groups, self.weights)
         return groups
 
@@ -97,20 +144,70 @@ class WGSEF(GroupPenalty):
         return _value(a, self._weights(a), self.scopes)
 
     def prox_factors(self, a: Tensor, mu: float) -> Tensor:
-        if self.keep is not None:  # after the finish the prox is off; the kept support is enforced
+        if self.all_held:  # the prox is off everywhere; the held support is enforced
             return self.keep.to(a)
         new = _prox(a, mu, self._weights(a), self.scopes)
-        return torch.where(a > 0, new / a, 0.0)
+        factors = torch.where(a > 0, new / a, 0.0)
+        return factors if self.held is None else torch.where(self.held.to(a.device), self.keep.to(a), factors)
 
     def grad_coeffs(self, a: Tensor) -> Tensor:
-        if self.keep is not None:
+        if self.all_held:
             return torch.zeros_like(a)
-        return _grad_coeffs(a, self._weights(a), self.scopes)
+        coeffs = _grad_coeffs(a, self._weights(a), self.scopes)
+        return coeffs if self.held is None else torch.where(self.held.to(a.device), 0.0, coeffs)
 
-    # k-level finish -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prox_(self, lr: float) -> None:
+        """theta <- prox of (lr * lam * WGSEF) on open scopes; with finish=continuation a scope is held on
+        the step its prox leaves k groups (tensor ops only: no host sync)."""
+        if self.lam == 0 or self.all_held:
+            return
+        a = self.groups.norms()
+        factors = self.prox_factors(a, lr * self.lam)
+        if self.finish_mode == "continuation":
+            factors = factors * self._rescale(a, a * factors)
+            self._hold_reached(a * factors)
+        self.groups.scale_(factors)
+
+    def _rescale(self, a: Tensor, new: Tensor) -> Tensor:
+        """Per group, the factor that gives its scope back its largest group norm (1 on an all-zero scope).
+        WGSEF is 2-homogeneous, so prox(c theta) = c prox(theta): the rescaled step zeroes the same groups
+        and only undoes the prox's uniform ridge shrink 1/(1 + mu) of the kept groups (weights ones)."""
+        if self.scope_of.device != a.device:
+            self.scope_of, self.k_of_scope = self.scope_of.to(a.device), self.k_of_scope.to(a.device)
+        top = [torch.zeros(len(self.ks), device=a.device, dtype=a.dtype).scatter_reduce_(0, self.scope_of, x, "amax")
+               for x in (a, new)]
+        return torch.where(top[1] > 0, top[0] / top[1], 1.0)[self.scope_of]
+
+    def _hold_reached(self, norms: Tensor) -> None:
+        """Hold every open scope with at most k nonzero groups, keeping its nonzero groups."""
+        nonzero = norms > 0
+        counts = torch.zeros_like(self.k_of_scope).index_add_(0, self.scope_of, nonzero.long())
+        reached = (counts <= self.k_of_scope)[self.scope_of]
+        if self.held is None:
+            self.held, self.keep = reached, torch.where(reached, nonzero, True)
+        else:
+            held = self.held.to(norms.device)
+            self.keep = torch.where(held, self.keep.to(norms.device), torch.where(reached, nonzero, True))
+            self.held = held | reached
+
+    # end of the sparsification phase --------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        if self.finish_epoch is not None and epoch >= self.finish_epoch and self.keep is None:
-            self.project_top_k()
+        if self.all_held:
+            return
+        if self.held is not None and bool(self.held.all()):  # the continuation reached k everywhere
+            self._hold_all()
+        elif self.finish_epoch is not None and epoch >= self.finish_epoch:
+            self.project_top_k() if self.finish_mode == "top_k" else self.close()
+        elif self.finish_mode == "continuation":  # geometric from lam at continuation_start to lam_final at finish
+            t = max(0, epoch - self.continuation_start) / (self.finish_epoch - self.continuation_start)
+            self.lam = self.lam0 * (self.lam_final / self.lam0) ** t
+
+    def _hold_all(self) -> None:
+        self.all_held = True
+        self.keep = self.groups.norms() > 0 if self.keep is None else self.keep
+        self.held = torch.ones_like(self.keep)
+        self.finish["prox_zeroed_groups"] = self.finish.get("prox_zeroed_groups", int((~self.keep).sum()))
 
     @torch.no_grad()
     def project_top_k(self) -> None:
@@ -120,9 +217,31 @@ class WGSEF(GroupPenalty):
         for s, k, _ in self._scopes(a):
             keep[s.start + a[s].topk(k).indices] = True
         self.finish["group_sparsity_before_finish"] = float((a == 0).float().mean())
+        self.finish["prox_zeroed_groups"] = int((a == 0).sum())
         self.keep = keep
         self.groups.scale_(keep.to(a))
         self.finish["group_sparsity_after_finish"] = float(self.groups.zero_mask().float().mean())
+        self._hold_all()
+
+    @torch.no_grad()
+    def close(self) -> None:
+        """The continuation's closing rule: every open scope takes one prox step with its closing_mu, which
+        leaves exactly k groups, then the whole support is held."""
+        a = self.groups.norms().double()
+        factors = torch.ones_like(a) if self.keep is None else self.keep.to(a)
+        held = torch.zeros_like(a, dtype=torch.bool) if self.held is None else self.held.to(a.device)
+        mus = [0.0]
+        for s, k, d in self._scopes(a):
+            if bool(held[s].all()) or int((a[s] > 0).sum()) <= k:
+                continue
+            mu, keep = closing_mu(a[s], k, d)
+            factors[s] = keep / (1 + mu * (1.0 if d is None else d))
+            mus.append(mu)
+        factors *= self._rescale(a, a * factors)
+        self.groups.scale_(factors.float())
+        self.finish["closing_mu"] = max(mus)
+        self.keep, self.held = (factors > 0) & (a > 0), None
+        self._hold_all()
 
     def after_step(self, lr: float) -> None:
         if self.keep is not None:
@@ -132,13 +251,21 @@ class WGSEF(GroupPenalty):
     # logging and resuming ------------------------------------------------------------------------------
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
+        """Per epoch: nonzero groups against k (summed over scopes), lam in effect (0 once the prox is off
+        everywhere), groups the prox alone has zeroed (frozen at a top-k finish), the finish's records."""
         params = self.groups.params()
         zeros = sum(int((p == 0).sum()) for p in params)
-        return {**super().metrics(), "k": sum(self.ks), "param_sparsity": zeros / sum(p.numel() for p in params),
-                **self.finish}
+        m = super().metrics()
+        return {**m, "k_groups": sum(self.ks), "lam_eff": 0.0 if self.all_held else self.lam,
+                "prox_zeroed_groups": self.finish.get("prox_zeroed_groups", len(self.groups) - m["nonzero_groups"]),
+                "param_sparsity": zeros / sum(p.numel() for p in params), **self.finish}
 
     def state_dict(self) -> dict:
-        return {"keep": None if self.keep is None else self.keep.cpu(), "finish": dict(self.finish)}
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        return {"keep": cpu(self.keep), "held": cpu(self.held), "all_held": self.all_held, "lam": self.lam,
+                "finish": dict(self.finish)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.keep, self.finish = state["keep"], dict(state["finish"])
+        self.keep, self.held, self.finish = state["keep"], state.get("held"), dict(state["finish"])
+        self.all_held = state.get("all_held", self.keep is not None)  # older checkpoints: keep only
+        self.lam = state.get("lam", self.lam)
