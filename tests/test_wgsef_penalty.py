@@ -185,7 +185,7 @@ def test_metrics_count_from_weights():
     ({"scheme": "rows"}, "unknown scheme"), ({"finish_epoch": -1}, "finish_epoch"), ({"lam": -1}, "lam"),
     ({"finish": "prox"}, "unknown finish"), ({"finish": "continuation"}, "finish_epoch > continuation_start"),
     ({"finish": "continuation", "finish_epoch": 3, "continuation_start": 3}, "finish_epoch > continuation_start"),
-    ({"finish": "continuation", "finish_epoch": 3, "lam": 0}, "lam > 0"), ({"lam_final": 1e-4}, "lam_final"),
+    ({"finish": "continuation", "finish_epoch": 3, "lam": 0}, "lam > 0"), ({"finish": "continuation", "finish_epoch": 3, "lam_final": 1e-4}, "lam_final"),
     ({"continuation_start": -1}, "continuation_start"),
 ])
 def test_bad_arguments(kw, match):

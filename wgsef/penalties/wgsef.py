@@ -93,7 +93,7 @@ class WGSEF(GroupPenalty):
         if finish == "continuation" and not (lam > 0 and finish_epoch is not None and finish_epoch > continuation_start):
             raise ValueError(f"finish=continuation needs lam > 0 and finish_epoch > continuation_start, got lam={lam}, "
                              f"finish_epoch={finish_epoch}, continuation_start={continuation_start}")
-        if not (isinstance(lam_final, Real) and lam <= lam_final < math.inf):
+        if finish == "continuation" and not (isinstance(lam_final, Real) and lam <= lam_final < math.inf):
             raise ValueError(f"lam_final must be a number >= lam, got {lam_final!r}")
         self.k, self.scheme, self.scope, self.weights = parse_k(k), scheme, scope, weights
         self.layers, self.block, self.finish_epoch = layers, block, finish_epoch
@@ -173,17 +173,22 @@ class WGSEF(GroupPenalty):
         """Per group, the factor that gives its scope back its largest group norm (1 on an all-zero scope).
         WGSEF is 2-homogeneous, so prox(c theta) = c prox(theta): the rescaled step zeroes the same groups
         and only undoes the prox's uniform ridge shrink 1/(1 + mu) of the kept groups (weights ones)."""
-        if self.scope_of.device != a.device:
-            self.scope_of, self.k_of_scope = self.scope_of.to(a.device), self.k_of_scope.to(a.device)
-        top = [torch.zeros(len(self.ks), device=a.device, dtype=a.dtype).scatter_reduce_(0, self.scope_of, x, "amax")
+        scope_of = self._scope_of(a.device)
+        top = [torch.zeros(len(self.ks), device=a.device, dtype=a.dtype).scatter_reduce_(0, scope_of, x, "amax")
                for x in (a, new)]
-        return torch.where(top[1] > 0, top[0] / top[1], 1.0)[self.scope_of]
+        return torch.where(top[1] > 0, top[0] / top[1], 1.0)[scope_of]
+
+    def _scope_of(self, device: torch.device) -> Tensor:
+        """The scope index of every group (and k of every scope) on `device`; moved once."""
+        if self.scope_of.device != device:
+            self.scope_of, self.k_of_scope = self.scope_of.to(device), self.k_of_scope.to(device)
+        return self.scope_of
 
     def _hold_reached(self, norms: Tensor) -> None:
         """Hold every open scope with at most k nonzero groups, keeping its nonzero groups."""
-        nonzero = norms > 0
-        counts = torch.zeros_like(self.k_of_scope).index_add_(0, self.scope_of, nonzero.long())
-        reached = (counts <= self.k_of_scope)[self.scope_of]
+        nonzero, scope_of = norms > 0, self._scope_of(norms.device)
+        counts = torch.zeros_like(self.k_of_scope).index_add_(0, scope_of, nonzero.long())
+        reached = (counts <= self.k_of_scope)[scope_of]
         if self.held is None:
             self.held, self.keep = reached, torch.where(reached, nonzero, True)
         else:
