@@ -9,7 +9,7 @@ from wgsef.run import instantiate
 OPTIONS = {g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml"))
            for g in ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger")}
 # optimizers that need a group penalty are tried with one
-NEEDS_PENALTY = {"prox_sgd": "regularizer=group_lasso", "hspg": "regularizer=group_lasso"}
+NEEDS_PENALTY = {"prox_sgd": "regularizer=group_lasso", "prox_adamw": "regularizer=group_lasso", "hspg": "regularizer=group_lasso"}
 
 
 def small_model(cfg):
