@@ -172,7 +172,8 @@ class WGSEF(GroupPenalty):
     def _rescale(self, a: Tensor, new: Tensor) -> Tensor:
         """Per group, the factor that gives its scope back its largest group norm (1 on an all-zero scope).
         WGSEF is 2-homogeneous, so prox(c theta) = c prox(theta): the rescaled step zeroes the same groups
-        and only undoes the prox's uniform ridge shrink 1/(1 + mu) of the kept groups (weights ones)."""
+        and, with weights ones, leaves the whole groups (theta = 1) unchanged, undoing the prox's common
+        ridge factor 1 / (1 + mu) that BatchNorm networks cannot restore."""
         scope_of = self._scope_of(a.device)
         top = [torch.zeros(len(self.ks), device=a.device, dtype=a.dtype).scatter_reduce_(0, scope_of, x, "amax")
                for x in (a, new)]
