@@ -166,8 +166,10 @@ def test_step_is_the_base_step_then_the_functional_prox(factory, base, kw):
         shrink.append(functional_prox_(ref_net, 2, ref.param_groups[0]["lr"] * 2.0))
         sched.step()
         ref_sched.step()
-    for p, q in zip(net.parameters(), ref_net.parameters()):
-        assert torch.allclose(p, q, atol=1e-6)
+        with torch.no_grad():  # each step from the same parameters: Adam would amplify last-bit differences
+            for p, q in zip(net.parameters(), ref_net.parameters()):
+                assert torch.allclose(p, q, atol=1e-6)
+                q.copy_(p)
     assert min(shrink) < 0.95  # the prox did shrink groups: the test can tell a missing prox
 
 
