@@ -35,6 +35,7 @@ WGSEF_HSPG_LAM ?= 1e-2
 demo: $(STAMP) ## the main job, offline: every method on digits (VGG16 x0.25) at matched sparsity, 3 seeds; results/demo.{csv,md} + figures
 	$(DEMO) method=dense $(SEEDS)
 	$(DEMO) method=wgsef $(KEPT) $(SEEDS)
+	$(DEMO) method=wgsef regularizer.k=0.5 regularizer.lam=1e-2,1e-1,1
 	$(DEMO) method=wgsef_cont $(KEPT) $(SEEDS)
 	$(DEMO) method=magnitude $(KEPT) $(SEEDS)
 	$(DEMO) method=wgsef_hspg optimizer.momentum=0 regularizer.lam=$(WGSEF_HSPG_LAM) $(KEPT) $(SEEDS)
