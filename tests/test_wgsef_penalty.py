@@ -183,8 +183,7 @@ def test_metrics_count_from_weights():
     ({"k": 0}, "k must"), ({"k": 1.5}, "k must"), ({"k": True}, "k must"), ({"k": 1.0}, "k must"),
     ({"scope": "block"}, "unknown scope"), ({"weights": "params"}, "unknown weights"),
     ({"scheme": "rows"}, "unknown scheme"), ({"finish_epoch": -1}, "finish_epoch"), ({"lam": -1}, "lam"),
-    ({"finish": "prox"}, "unknown finish"), ({"finish": "continuation"}, "finish_epoch > continuation_start"),
-    ({"finish": "continuation", "finish_epoch": 3, "continuation_start": 3}, "finish_epoch > continuation_start"),
+    ({"finish": "prox"}, "unknown finish"), ({"finish": "continuation"}, "needs lam > 0 and a finish_epoch"),
     ({"finish": "continuation", "finish_epoch": 3, "lam": 0}, "lam > 0"), ({"finish": "continuation", "finish_epoch": 3, "lam_final": 1e-4}, "lam_final"),
     ({"continuation_start": -1}, "continuation_start"),
 ])

@@ -90,9 +90,9 @@ class WGSEF(GroupPenalty):
         for value, what in ((finish_epoch, "finish_epoch"), (continuation_start, "continuation_start")):
             if value is not None and (not isinstance(value, Integral) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{what} must be an epoch number >= 0, got {value!r}")
-        if finish == "continuation" and not (lam > 0 and finish_epoch is not None and finish_epoch > continuation_start):
-            raise ValueError(f"finish=continuation needs lam > 0 and finish_epoch > continuation_start, got lam={lam}, "
-                             f"finish_epoch={finish_epoch}, continuation_start={continuation_start}")
+        if finish == "continuation" and not (lam > 0 and finish_epoch is not None):
+            raise ValueError(f"finish=continuation needs lam > 0 and a finish_epoch, got lam={lam}, "
+                             f"finish_epoch={finish_epoch}")
         if finish == "continuation" and not (isinstance(lam_final, Real) and lam <= lam_final < math.inf):
             raise ValueError(f"lam_final must be a number >= lam, got {lam_final!r}")
         self.k, self.scheme, self.scope, self.weights = parse_k(k), scheme, scope, weights
@@ -206,7 +206,7 @@ class WGSEF(GroupPenalty):
         elif self.finish_epoch is not None and epoch >= self.finish_epoch:
             self.project_top_k() if self.finish_mode == "top_k" else self.close()
         elif self.finish_mode == "continuation":  # geometric from lam at continuation_start to lam_final at finish
-            t = max(0, epoch - self.continuation_start) / (self.finish_epoch - self.continuation_start)
+            t = max(0, epoch - self.continuation_start) / max(1, self.finish_epoch - self.continuation_start)
             self.lam = self.lam0 * (self.lam_final / self.lam0) ** t
 
     def _hold_all(self) -> None:
