@@ -36,3 +36,28 @@ def make_cfg():
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             return compose(config_name="train", overrides=list(overrides))
     return make
+
+
+@pytest.fixture
+def full_and_resumed(make_cfg, tmp_path, monkeypatch):
+    """Run a config into tmp_path/full uninterrupted, and into tmp_path/cut crashed after its first epoch's
+    checkpoint and then resumed; returns both directories, for tests that compare them."""
+    from wgsef.run import run
+    from wgsef.train import Trainer
+
+    def both(*overrides: str):
+        run(make_cfg(*overrides), tmp_path / "full")
+        save = Trainer.save
+
+        def crash_after_first_epoch(self):
+            save(self)
+            if self.state.epoch == 1:
+                raise KeyboardInterrupt("simulated crash")
+
+        monkeypatch.setattr(Trainer, "save", crash_after_first_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            run(make_cfg(*overrides), tmp_path / "cut")
+        monkeypatch.setattr(Trainer, "save", save)
+        assert run(make_cfg(*overrides, "resume=true"), tmp_path / "cut")["resumed"]
+        return tmp_path / "full", tmp_path / "cut"
+    return both

@@ -574,30 +574,15 @@ def test_default_digits_run_compacts_and_deploys_no_slower_than_dense(make_cfg, 
         assert out["latency_ms_cpu_b64_compact"] <= 1.05 * out["latency_ms_cpu_b64_dense"]
 
 
-def test_resume_matches_uninterrupted(make_cfg, tmp_path, monkeypatch):
+def test_resume_matches_uninterrupted(full_and_resumed):
     """The structural Adam's state and the lr scale travel in the checkpoint: a GBLR run killed after
     epoch 1 and resumed ends exactly like an uninterrupted one (same metrics, same weights)."""
     import pandas as pd
 
-    from wgsef.run import run
-    from wgsef.train import Trainer
-    fast = ("method=gblr", "trainer.progress=false", "measure.enabled=false", "trainer.epochs=3",
-            "regularizer.lam=0.05", "regularizer.warmup_epochs=1")
-    run(make_cfg(*fast), tmp_path / "full")
-    save = Trainer.save
-
-    def crash_after_first_epoch(self):
-        save(self)
-        if self.state.epoch == 1:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(Trainer, "save", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(*fast), tmp_path / "cut")
-    monkeypatch.setattr(Trainer, "save", save)
-    assert run(make_cfg(*fast, "resume=true"), tmp_path / "cut")["resumed"]
-    full, cut = (pd.read_csv(tmp_path / d / "metrics.csv").drop(columns="time") for d in ("full", "cut"))
+    full_dir, cut_dir = full_and_resumed("method=gblr", "trainer.progress=false", "measure.enabled=false",
+                                         "trainer.epochs=3", "regularizer.lam=0.05", "regularizer.warmup_epochs=1")
+    full, cut = (pd.read_csv(d / "metrics.csv").drop(columns="time") for d in (full_dir, cut_dir))
     pd.testing.assert_frame_equal(full, cut)
-    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=False) for d in ("full", "cut"))
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=False) for d in (full_dir, cut_dir))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["regularizer"]["optimizer"]["steps"] == b["regularizer"]["optimizer"]["steps"] > 0

@@ -29,27 +29,11 @@ def _final_state(run_dir):
 
 
 @pytest.mark.parametrize("loader", ["device", "dataloader"])
-def test_resume_matches_uninterrupted(make_cfg, tmp_path, monkeypatch, loader):
-    cfg = make_cfg(*FAST, "trainer.epochs=3", f"dataset.loader={loader}")
-    run(cfg, tmp_path / "full")
-
-    save = Trainer.save
-
-    def crash_after_first_epoch(self):
-        save(self)
-        if self.state.epoch == 1:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(Trainer, "save", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "cut")
-    monkeypatch.setattr(Trainer, "save", save)
-    summary = run(make_cfg(*FAST, "trainer.epochs=3", "resume=true", f"dataset.loader={loader}"), tmp_path / "cut")
-    assert summary["resumed"]
-
-    full, cut = (pd.read_csv(tmp_path / d / "metrics.csv").drop(columns="time") for d in ("full", "cut"))
+def test_resume_matches_uninterrupted(full_and_resumed, loader):
+    full_dir, cut_dir = full_and_resumed(*FAST, "trainer.epochs=3", f"dataset.loader={loader}")
+    full, cut = (pd.read_csv(d / "metrics.csv").drop(columns="time") for d in (full_dir, cut_dir))
     pd.testing.assert_frame_equal(full, cut)
-    a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "cut")
+    a, b = _final_state(full_dir), _final_state(cut_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
