@@ -48,14 +48,17 @@ demo: $(STAMP) ## the main job, offline: every method on digits (VGG16 x0.25) at
 	$(DEMO) method=gblr regularizer.lam=0.1 regularizer.ratio=0.5 regularizer.target_width=0.25 regularizer.warmup_epochs=2
 	$(PY) scripts/make_table.py runs/demo --name demo --out results
 	$(PY) scripts/plot.py runs/demo --out results/figures/demo
+	$(PY) scripts/compare_at_k.py results/demo.csv --out results/demo_at_k.md
 	$(PY) scripts/readme_table.py results/demo.md README.md
+	$(PY) scripts/readme_table.py results/demo_at_k.md README.md demo-at-k
 
 .PHONY: notebook
 notebook: $(STAMP) ## execute notebooks/analysis.ipynb in place (nbclient): tables of results/, figures of runs/ (WGSEF_RUNS=...)
 	.venv/bin/jupyter-execute --inplace --timeout=600 notebooks/analysis.ipynb
 
-readme-table: $(STAMP) ## copy results/demo.md into README.md (make demo does this)
+readme-table: $(STAMP) ## copy results/demo.md and results/demo_at_k.md into README.md (make demo does this)
 	$(PY) scripts/readme_table.py results/demo.md README.md
+	$(PY) scripts/readme_table.py results/demo_at_k.md README.md demo-at-k
 
 # Paper tables: the sweep (resumable: re-run to continue), SSL from the dense runs, then table + figures.
 TRAIN := $(PY) -m experiments.train -m

@@ -330,3 +330,26 @@ def test_notebook_executes(runs, table, monkeypatch):
     text = "".join(str(o.get("data", {}).get("text/plain", "")) + o.get("text", "") for o in outputs)
     assert "t1.csv" in str(outputs) and "group_lasso" in text and "CUDA out of memory" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 7  # (a)-(e), two width charts
+
+
+def test_compare_at_k_places_each_method_at_its_kept_fraction(tmp_path):
+    """k-based rows sit at their k, lambda-based ones at the target nearest to 1 - group sparsity (when within
+    the tolerance), SSL and dense are not compared, and means/stds are the table's."""
+    import compare_at_k
+
+    def row(method, setting, sparsity, acc, std=float("nan")):
+        return {"dataset": "digits", "model": "vgg16", "method": method, "setting": setting, "n_runs": 3,
+                "n_seeds": 3, "final_test_acc_mean": acc, "final_test_acc_std": std,
+                "group_sparsity_mean": sparsity, "group_sparsity_std": 0.0, "flops_reduction_mean": 2.0,
+                "flops_reduction_std": 0.1, "speedup_cpu_b64_mean": 1.5, "speedup_cpu_b64_std": float("nan")}
+    rows = [row("dense", "", float("nan"), 0.97), row("wgsef", "k=0.25, lam=0.001", 0.75, 0.95, 0.01),
+            row("magnitude", "k=0.5", 0.5, 0.96), row("group_lasso", "lam=0.01", 0.30, 0.93),
+            row("group_lasso", "lam=0.1", 0.99, 0.10), row("ssl", "filter=0.02", 0.5, 0.97)]
+    csv = tmp_path / "t.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    compare_at_k.main([str(csv), "--out", str(tmp_path / "t.md")])
+    body = [line.split(" | ") for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| 0.")]
+    placed = {(cells[1], cells[2]): cells[0].strip("| ") for cells in body}
+    assert placed == {("wgsef", "k=0.25, lam=0.001"): "0.25", ("magnitude", "k=0.5"): "0.50",
+                      ("group_lasso", "lam=0.01"): "0.75"}  # lam=0.1 keeps 0.01: no target within 0.125
+    assert "95.00 ± 1.00" in (tmp_path / "t.md").read_text() and "Dense reference" in (tmp_path / "t.md").read_text()
