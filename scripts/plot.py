@@ -99,63 +99,60 @@ def _dense_line(ax, rows: pd.DataFrame) -> None:
         ax.axhline(100 * dense["final_test_acc_mean"].max(), color="gray", ls="--", label="dense")
 
 
+def _accuracy_figure(table: pd.DataFrame, x: str, title: str, xlabel: str, draw, log_x: bool = False) -> Figure | None:
+    """Final accuracy against the aggregated metric `x`: one panel per (dataset, model), `draw(ax, method,
+    rows sorted by x)` for every non-dense method, the dense method as a reference line."""
+    table = table[table["final_test_acc_mean"].notna()]
+    points = table[table[f"{x}_mean"].notna() & ~table["method"].isin(DENSE)]
+    if points.empty:
+        return None
+    pairs = sorted(points.groupby(["dataset", "model"]).groups)
+    fig, axes = _panels(len(pairs), title)
+    for ax, (dataset, model) in zip(axes, pairs):
+        here = (table["dataset"] == dataset) & (table["model"] == model)
+        for method, rows in points[here[points.index]].groupby("method"):
+            draw(ax, method, rows.sort_values(f"{x}_mean"))
+        _dense_line(ax, table[here])
+        if log_x:
+            _log(ax, "x")
+        ax.set(title=f"{dataset} / {model}", xlabel=xlabel, ylabel="final test accuracy (%), mean ± std")
+        ax.grid(alpha=0.3, which="both" if log_x else "major")
+        ax.legend(fontsize="small")
+    return fig
+
+
 def acc_vs_sparsity(table: pd.DataFrame, styles: Styles | None = None) -> Figure | None:
     """(a) from `aggregate`'s table: one panel per (dataset, model), one curve per method (a marker per
     setting), the dense method as a reference line."""
     styles = styles or Styles(table)
-    table = table[table["final_test_acc_mean"].notna()]
-    sparse = table[table["group_sparsity_mean"].notna() & ~table["method"].isin(DENSE)]
-    if sparse.empty:
-        return None
-    pairs = sorted(sparse.groupby(["dataset", "model"]).groups)
-    fig, axes = _panels(len(pairs), "Accuracy vs group sparsity over a sweep")
-    for ax, (dataset, model) in zip(axes, pairs):
-        here = table[(table["dataset"] == dataset) & (table["model"] == model)]
-        for method, rows in here[here["group_sparsity_mean"].notna() & ~here["method"].isin(DENSE)].groupby("method"):
-            rows = rows.sort_values("group_sparsity_mean")
-            style = styles(method)
-            ax.errorbar(100 * rows["group_sparsity_mean"], 100 * rows["final_test_acc_mean"],
-                        yerr=100 * rows["final_test_acc_std"].fillna(0), color=style["color"], capsize=3, label=method)
-            for _, row in rows.iterrows():
-                ax.plot(100 * row["group_sparsity_mean"], 100 * row["final_test_acc_mean"],
-                        **{**styles(method, row["setting"]), "linestyle": "none"})
-        _dense_line(ax, here)
-        ax.set(title=f"{dataset} / {model}", xlabel="group sparsity (% groups zero)",
-               ylabel="final test accuracy (%), mean ± std")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    return fig
+
+    def draw(ax, method, rows):
+        ax.errorbar(100 * rows["group_sparsity_mean"], 100 * rows["final_test_acc_mean"],
+                    yerr=100 * rows["final_test_acc_std"].fillna(0), color=styles(method)["color"], capsize=3,
+                    label=method)
+        for _, row in rows.iterrows():
+            ax.plot(100 * row["group_sparsity_mean"], 100 * row["final_test_acc_mean"],
+                    **{**styles(method, row["setting"]), "linestyle": "none"})
+    return _accuracy_figure(table, "group_sparsity", "Accuracy vs group sparsity over a sweep",
+                            "group sparsity (% groups zero)", draw)
 
 
 def acc_vs_flops(table: pd.DataFrame, styles: Styles | None = None) -> Figure | None:
     """(b) from `aggregate`'s table: accuracy vs FLOPs reduction (log x), mean ± std over seeds on both axes,
     one colour per method, one marker per setting, dense as a reference line."""
     styles = styles or Styles(table)
-    table = table[table["final_test_acc_mean"].notna()]
-    points = table[table["flops_reduction_mean"].notna() & ~table["method"].isin(DENSE)]
-    if points.empty:
-        return None
-    pairs = sorted(points.groupby(["dataset", "model"]).groups)
-    fig, axes = _panels(len(pairs), "Accuracy vs FLOPs reduction (error bars: std over seeds)")
-    for ax, (dataset, model) in zip(axes, pairs):
-        here = points[(points["dataset"] == dataset) & (points["model"] == model)]
-        for method, rows in here.groupby("method"):
-            rows = rows.sort_values("flops_reduction_mean")
-            ax.plot(rows["flops_reduction_mean"], 100 * rows["final_test_acc_mean"], color=styles(method)["color"],
-                    alpha=0.5, label=method)
-            for _, row in rows.iterrows():
-                style = styles(method, row["setting"])
-                ax.errorbar(row["flops_reduction_mean"], 100 * row["final_test_acc_mean"],
-                            xerr=np.nan_to_num(row["flops_reduction_std"]),
-                            yerr=100 * np.nan_to_num(row["final_test_acc_std"]),
-                            color=style["color"], marker=style["marker"], capsize=3, ls="none")
-        _dense_line(ax, table[(table["dataset"] == dataset) & (table["model"] == model)])
-        _log(ax, "x")
-        ax.set(title=f"{dataset} / {model}", xlabel="FLOPs reduction (dense / compact, log scale)",
-               ylabel="final test accuracy (%), mean ± std")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize="small")
-    return fig
+
+    def draw(ax, method, rows):
+        ax.plot(rows["flops_reduction_mean"], 100 * rows["final_test_acc_mean"], color=styles(method)["color"],
+                alpha=0.5, label=method)
+        for _, row in rows.iterrows():
+            style = styles(method, row["setting"])
+            ax.errorbar(row["flops_reduction_mean"], 100 * row["final_test_acc_mean"],
+                        xerr=np.nan_to_num(row["flops_reduction_std"]),
+                        yerr=100 * np.nan_to_num(row["final_test_acc_std"]),
+                        color=style["color"], marker=style["marker"], capsize=3, ls="none")
+    return _accuracy_figure(table, "flops_reduction", "Accuracy vs FLOPs reduction (error bars: std over seeds)",
+                            "FLOPs reduction (dense / compact, log scale)", draw, log_x=True)
 
 
 def _curves(records: pd.DataFrame, column: str) -> list[tuple[pd.Series, pd.DataFrame]]:
