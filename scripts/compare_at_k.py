@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from _runs import command_line
+from _runs import MD_COLUMNS, _mean_std, command_line
 
 NOT_COMPARED = {"dense", "ssl", "srste", "gblr"}
 K_SETTING = re.compile(r"(?:^|, )k=([0-9.]+)")
@@ -37,11 +37,9 @@ def at_targets(table: pd.DataFrame, targets, tolerance: float) -> pd.DataFrame:
     return rows.sort_values(["target", "final_test_acc_mean"], ascending=[True, False])
 
 
-def pm(row, metric: str, scale: float = 100, digits: int = 2) -> str:
-    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
-    if pd.isna(mean):
-        return "n/a"
-    return f"{scale * mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {scale * std:.{digits}f}")
+def pm(row, metric: str) -> str:
+    """mean ± std of `metric`, formatted as make_table's markdown formats it."""
+    return _mean_std(row, metric, MD_COLUMNS[metric][1])
 
 
 def markdown(rows: pd.DataFrame, dense: pd.DataFrame, command: str) -> str:
@@ -57,7 +55,7 @@ def markdown(rows: pd.DataFrame, dense: pd.DataFrame, command: str) -> str:
     for _, r in rows.iterrows():
         cells = [f"{r['target']:.2f}", r["method"], r["setting"] or "-", r["n_seeds"],
                  f"{r['kept']:.2f} ({r['kept_from']})", pm(r, "final_test_acc"),
-                 pm(r, "flops_reduction", 1), pm(r, "speedup_cpu_b64", 1)]
+                 pm(r, "flops_reduction"), pm(r, "speedup_cpu_b64")]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
