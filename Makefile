@@ -91,27 +91,27 @@ reproduce-table-gblr: $(STAMP) ## GBLR table: width budgets 0.1/0.25/0.5 on CIFA
 	$(call report,gblr,runs/table_gblr $(wildcard runs/table_cifar10/vgg16/dense runs/table_cifar10/resnet18/dense))
 
 bench-prox: $(STAMP) ## prox time vs number of groups -> results/prox_scaling.csv + figure
-	$(PY) scripts/bench_prox.py --threads 1 --clock cpu
+	$(PY) scripts/bench/bench_prox.py --threads 1 --clock cpu
 
 bench-compaction: $(STAMP) ## compaction equivalence and CPU speedup at 50% filter sparsity -> results/
-	$(PY) scripts/bench_compaction.py --threads 1 --clock cpu --repeats 3
+	$(PY) scripts/bench/bench_compaction.py --threads 1 --clock cpu --repeats 3
 
 bench-gblr: $(STAMP) ## GBLR deployable forms vs dense layer latency, ops per step -> results/gblr_{latency,step_ops}.csv
-	$(PY) scripts/bench_gblr.py --threads 1
-	$(PY) scripts/bench_gblr_ops.py
+	$(PY) scripts/bench/bench_gblr.py --threads 1
+	$(PY) scripts/bench/bench_gblr_ops.py
 
 bench-nm: $(STAMP) ## 2:4 semi-structured vs dense Linear latency (needs a CUDA GPU)
-	$(PY) scripts/bench_nm.py
+	$(PY) scripts/bench/bench_nm.py
 
 BENCH_STEP ?= --models vgg16 resnet18 --batch 32 --steps 6 --width 0.25
 bench-step: $(STAMP) ## ms, operator calls and host syncs per training step per method; CIFAR input pipeline -> results/step_bench.{csv,md}
-	$(PY) scripts/bench_step.py $(BENCH_STEP)
+	$(PY) scripts/bench/bench_step.py $(BENCH_STEP)
 
 gpu-check: $(STAMP) ## on one CUDA GPU (< 8 min): CUDA tests, every method one epoch, step/prox/2:4/latency benches -> results/gpu_check.md
-	$(PY) scripts/gpu_check.py
+	$(PY) scripts/bench/gpu_check.py
 
 bench-hspg: $(STAMP) ## operator calls and host syncs of an HSPG step vs a dense SGD step on VGG16 -> results/hspg_ops.md
-	$(PY) scripts/count_hspg_ops.py
+	$(PY) scripts/bench/count_hspg_ops.py
 
 bench: bench-prox bench-compaction bench-gblr bench-step bench-hspg ## every CPU benchmark
 

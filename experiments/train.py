@@ -17,11 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from wgsef.data import DatasetNotFound
+from wgsef.errors import CheckpointError, DatasetNotFound, first_line
 from wgsef.rundir import STATE, Refused, clear_previous, decide, failed_record, is_empty, release, run_id
 from wgsef.run import register_resolvers, run, write_json
 from wgsef.schema import GROUPS, validate
-from wgsef.train import CheckpointError, first_line
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 USER_ERRORS = (ValueError, DatasetNotFound, CheckpointError)

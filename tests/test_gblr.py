@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from wgsef.penalties.gblr import GBLR, StructuralAdam
-from wgsef.penalties.gblr_infer import (candidate_forms, circular_support, plan_tiles, to_dense,
+from wgsef.regularizers.gblr import GBLR, StructuralAdam
+from wgsef.regularizers.gblr.deploy import (candidate_forms, circular_support, plan_tiles, to_dense,
                                         to_inference, to_lowrank)
-from wgsef.penalties.gblr_layers import (GBLRConv2d, GBLRLinear, MaskPlan, dense_flops, gaudi_mask,
+from wgsef.regularizers.gblr.layers import (GBLRConv2d, GBLRLinear, MaskPlan, dense_flops, gaudi_mask,
                                          gblr_flops, init_widths)
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "regularizer" / "gblr.yaml"

@@ -6,7 +6,7 @@ import torch
 
 from wgsef.groups.base import GroupBlock, GroupSet, Member
 from wgsef.models.lenet import LeNet5
-from wgsef.penalties.group_lasso import GroupLasso
+from wgsef.regularizers.group_lasso import GroupLasso
 
 
 def two_layer_groups(seed=0):

@@ -15,10 +15,10 @@ from wgsef.models.lenet import LeNet5
 from wgsef.optim import sgd
 from wgsef.optim.hspg import HSPG, hspg, rank_in_scope
 from wgsef.optim.prox_sgd import prox_sgd
-from wgsef.penalties.base import Regularizer
-from wgsef.penalties.group_lasso import GroupLasso
-from wgsef.penalties.ssl import SSL
-from wgsef.penalties.wgsef import WGSEF
+from wgsef.regularizers.base import Regularizer
+from wgsef.regularizers.group_lasso import GroupLasso
+from wgsef.regularizers.ssl import SSL
+from wgsef.regularizers.wgsef import WGSEF
 from wgsef.profiling import OpCounter
 
 

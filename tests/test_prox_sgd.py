@@ -10,8 +10,8 @@ from wgsef.functional import wgsef_prox
 from wgsef.optim import param_groups
 from wgsef.optim.prox_adamw import prox_adamw
 from wgsef.optim.prox_sgd import ProxSGD, prox_sgd
-from wgsef.penalties.base import Regularizer
-from wgsef.penalties.wgsef import WGSEF
+from wgsef.regularizers.base import Regularizer
+from wgsef.regularizers.wgsef import WGSEF
 
 X = torch.randn(2, 3, 8, 8)
 

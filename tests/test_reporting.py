@@ -36,7 +36,7 @@ def config(method, lam, seed, epochs=3):
             "paths": {"data_dir": "data", "runs_dir": "runs"},
             "dataset": {"_target_": "wgsef.data.build_loaders", "name": "digits", "image_size": 16},
             "model": {"_target_": "wgsef.models.build", "name": "lenet5"},
-            "regularizer": {"_target_": "wgsef.penalties.x.X", "lam": lam, "k": 0.5, "layers": None, "block": [2, 2]}}
+            "regularizer": {"_target_": "wgsef.regularizers.x.X", "lam": lam, "k": 0.5, "layers": None, "block": [2, 2]}}
 
 
 def metrics_rows(epochs, sparsity, final_acc, lam=None):

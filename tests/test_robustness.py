@@ -71,7 +71,7 @@ KILLS = {  # where to SIGKILL the process, during epoch 2 of 3 (digits: 17 steps
 DRIVER = """
 import os, signal, torch
 import wgsef.train as T
-from wgsef.penalties.base import Regularizer
+from wgsef.regularizers.base import Regularizer
 calls = {{"n": 0}}
 def killer(original, at):
     def wrapped(*args, **kwargs):

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wgsef.penalties.base import Regularizer
-from wgsef.penalties.nm import nm_mask, nm_pattern_counts
-from wgsef.penalties.srste import SRSTE, NMConv2d, NMLinear, nm_pattern_report, to_semi_structured
+from wgsef.regularizers.base import Regularizer
+from wgsef.regularizers.nm import nm_mask, nm_pattern_counts
+from wgsef.regularizers.srste import SRSTE, NMConv2d, NMLinear, nm_pattern_report, to_semi_structured
 
 
 def blocks_nonzeros(weight, m):

@@ -5,8 +5,8 @@ from torch import nn
 
 from wgsef.groups.base import GroupBlock, GroupSet, Member
 from wgsef.models import build
-from wgsef.penalties.group_lasso import GroupLasso
-from wgsef.penalties.ssl import SSL
+from wgsef.regularizers.group_lasso import GroupLasso
+from wgsef.regularizers.ssl import SSL
 
 X32 = torch.zeros(2, 3, 32, 32)
 

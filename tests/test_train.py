@@ -40,7 +40,7 @@ def test_resume_matches_uninterrupted(full_and_resumed, loader):
 # -- the sync-free step and the speed options --------------------------------------------------------------
 def _trainer(tmp_path, model, loaders, regularizer=None, **kwargs):
     from wgsef.logging import NullLogger
-    from wgsef.penalties.base import Regularizer
+    from wgsef.regularizers.base import Regularizer
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     return Trainer(model, loaders, optimizer, None, regularizer or Regularizer(), epochs=1,
@@ -83,7 +83,7 @@ class NaNAt:
     fails on NaN parameters as a method validating its inputs would."""
 
     def __new__(cls, at, raise_on_nan=False):
-        from wgsef.penalties.base import Regularizer
+        from wgsef.regularizers.base import Regularizer
 
         class _R(Regularizer):
             calls, model = 0, None
@@ -204,14 +204,14 @@ def test_gpu_check_cpu_mode(tmp_path, monkeypatch):
     one epoch on synthetic CIFAR-format data; CUDA-only parts say they were skipped."""
     from pathlib import Path
 
-    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts" / "bench")
     monkeypatch.syspath_prepend(scripts)
     import gpu_check
 
     out = tmp_path / "gpu_check.md"
     code = gpu_check.main(["--cpu", "--out", str(out)])
     report = out.read_text()
-    assert report.splitlines()[0] == f"python scripts/gpu_check.py --cpu --out {out}"
+    assert report.splitlines()[0] == f"python scripts/bench/gpu_check.py --cpu --out {out}"
     assert code == 0 and "6/6 sections ok" in report, report
     for method in gpu_check._presets():
         assert f"| {method} | completed |" in report

@@ -7,7 +7,7 @@ from torch import nn
 
 from wgsef.functional import wgsef_grad_coeffs, wgsef_prox, wgsef_value
 from wgsef.optim.prox_sgd import prox_sgd
-from wgsef.penalties.wgsef import WGSEF, closing_mu
+from wgsef.regularizers.wgsef import WGSEF, closing_mu
 
 X = torch.randn(2, 3, 8, 8)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -389,7 +389,7 @@ def fit(arch, reg, make_opt, epochs, data):
     ("lenet5", 0.5, 10), pytest.param("vgg16", 0.3, 8, marks=pytest.mark.slow)])
 def test_digits_training_reaches_group_sparsity_at_small_accuracy_loss(arch, k, epochs):
     from wgsef.optim import sgd
-    from wgsef.penalties.base import Regularizer
+    from wgsef.regularizers.base import Regularizer
 
     data = digits()
     dense, _ = fit(arch, Regularizer(), sgd, epochs, data)

@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-
-class DatasetNotFound(RuntimeError):
-    """A dataset is not on disk (or not readable there) and could not be downloaded."""
+from wgsef.errors import DatasetNotFound
 
 
 @dataclass(frozen=True)

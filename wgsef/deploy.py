@@ -19,7 +19,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from wgsef.train import first_line
+from wgsef.errors import first_line
 
 OPSET = 17
 INPUT, OUTPUT = "input", "logits"

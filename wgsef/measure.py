@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
+from wgsef.errors import first_line
+
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
@@ -128,7 +130,6 @@ def _ort_sessions(models: dict, example_input: torch.Tensor, threads: int) -> tu
     """{tag: onnxruntime session} of each model exported to ONNX and checked against PyTorch, or ({}, why
     not) in one line."""
     from wgsef.deploy import checked_session
-    from wgsef.train import first_line
 
     try:
         return {tag: checked_session(m, example_input, threads)[0] for tag, m in models.items()}, "done"

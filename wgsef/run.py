@@ -17,7 +17,8 @@ import torch
 from wgsef import distributed
 from wgsef.distributed import Dist
 from wgsef.logging import NullLogger
-from wgsef.train import Diverged, Trainer, finite_weights, first_line, prepare_model, resolve_device, seed_everything
+from wgsef.errors import Diverged, first_line
+from wgsef.train import Trainer, finite_weights, prepare_model, resolve_device, seed_everything
 
 
 def epoch_at(fraction: float, epochs: int) -> int:

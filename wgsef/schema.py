@@ -23,15 +23,13 @@ import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from wgsef.errors import ConfigError, first_line
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TARGET_NODES = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger")
 GROUPS = TARGET_NODES + ("method", "experiment", "hparams_search")
 # the smallest channel count of each model at width 1: below 1/that, layers would be clamped to 1 channel
 BASE_CHANNELS = {"lenet5": 6, "vgg16": 64, "resnet18": 64, "mobilenetv1": 32}
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; its message is one line naming the key."""
 
 
 # -- value checks: each returns None when the value fits, else a description of what fits --------------
@@ -205,7 +203,6 @@ def resolve(cfg) -> dict:
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
-        from wgsef.train import first_line
         raise ConfigError(f"{getattr(e, 'full_key', None) or 'config'}: {first_line(e)}") from None
 
 

@@ -20,23 +20,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from wgsef.distributed import Dist, barrier, unwrap
-from wgsef.penalties.base import Regularizer
+from wgsef.errors import CheckpointError, Diverged, first_line
+from wgsef.regularizers.base import Regularizer
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-
-
-class Diverged(RuntimeError):
-    """The loss or a parameter became NaN or infinite."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be read or does not fit this run."""
-
-
-def first_line(e: BaseException) -> str:
-    """An exception as one line: its message's first line, or its type when it has no message."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def finite_weights(model: nn.Module) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wgsef.penalties.base import GroupPenalty, Regularizer
+from wgsef.regularizers.base import GroupPenalty, Regularizer
 
 
 def require_group_penalty(regularizer: Regularizer, optimizer: str) -> GroupPenalty:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from wgsef.groups.base import GroupSet
 from wgsef.optim import param_groups, require_group_penalty
-from wgsef.penalties.base import GroupPenalty, Regularizer
+from wgsef.regularizers.base import GroupPenalty, Regularizer
 
 STAGE1 = ("subgradient", "prox")
 BUFFERS = ("per_stage", "shared")

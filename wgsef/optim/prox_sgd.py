@@ -6,7 +6,7 @@ from torch import nn
 
 from wgsef.optim import param_groups, require_group_penalty
 from wgsef.optim.proximal import Proximal
-from wgsef.penalties.base import Regularizer
+from wgsef.regularizers.base import Regularizer
 
 
 class ProxSGD(Proximal, torch.optim.SGD):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from wgsef.optim import require_group_penalty
-from wgsef.penalties.base import GroupPenalty
+from wgsef.regularizers.base import GroupPenalty
 
 
 class Proximal:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from wgsef.functional import Scopes, _grad_coeffs, _prox, _value
 from wgsef.groups import SCHEMES, GroupSet, build_groups
-from wgsef.penalties.base import GroupPenalty
+from wgsef.regularizers.base import GroupPenalty
 
 SCOPES = ("layer", "global")
 WEIGHTS = ("ones", "size", "flops")

@@ -1,13 +1,13 @@
-"""CPU latency of GBLR's deployable forms (wgsef.penalties.gblr_infer) against the dense layer.
+"""CPU latency of GBLR's deployable forms (wgsef.regularizers.gblr.deploy) against the dense layer.
 
 For each layer shape and width budget: a GBLR layer with ratio 1, rank 1, every width set to the budget
 and random locations; the dense baseline runs the same (materialised) weight with nn.Linear / nn.Conv2d.
 Each exact form (tiled, low-rank) is timed (median of torch.utils.benchmark at a fixed thread count),
-and `deployed` is what GBLR.finalize would choose at that batch (gblr_infer.fastest: a non-dense form
+and `deployed` is what GBLR.finalize would choose at that batch (gblr.deploy.fastest: a non-dense form
 only when >= 10% faster than dense), timed again on its own. Writes results/gblr_latency.csv (first
 line: the command) and prints where the deployed form is slower than dense.
 
-    python scripts/bench_gblr.py [--threads 1] [--min-run-time 0.3] [--out results/gblr_latency.csv]
+    python scripts/bench/bench_gblr.py [--threads 1] [--min-run-time 0.3] [--out results/gblr_latency.csv]
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import torch
 import torch.utils.benchmark as benchmark
 from torch import nn
 
-from wgsef.penalties.gblr_infer import fastest, to_inference, to_lowrank
-from wgsef.penalties.gblr_layers import GBLRConv2d, GBLRLinear, dense_flops, gblr_flops
+from wgsef.regularizers.gblr.deploy import fastest, to_inference, to_lowrank
+from wgsef.regularizers.gblr.layers import GBLRConv2d, GBLRLinear, dense_flops, gblr_flops
 
 # (name, dense layer factory, input shape without batch, batch sizes)
 LAYERS = [

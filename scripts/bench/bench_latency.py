@@ -1,8 +1,8 @@
 """Measure params, FLOPs and latency of a checkpoint, dense vs compact.
 
-    python scripts/bench_latency.py --compact results/model_compact.pt [--out m.json]
+    python scripts/bench/bench_latency.py --compact results/model_compact.pt [--out m.json]
         (a save_compact file; its dense counterpart is the same architecture built at full width)
-    python scripts/bench_latency.py --model vgg16 --state-dict ckpt.pt --in-channels 3 --image-size 32
+    python scripts/bench/bench_latency.py --model vgg16 --state-dict ckpt.pt --in-channels 3 --image-size 32
         (a dense state_dict; it is compacted here with wgsef.compress.compact)
 
 Prints the wgsef.measure.measure_model dict as JSON and optionally writes it to --out.

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
-from wgsef.penalties.base import Regularizer
-from wgsef.penalties.nm import check_nm, nm_follows, nm_mask, nm_pattern_counts
+from wgsef.regularizers.base import Regularizer
+from wgsef.regularizers.nm import check_nm, nm_follows, nm_mask, nm_pattern_counts
 
 CPU_MESSAGE = ("2:4 semi-structured kernels need a CUDA GPU with sparse tensor cores; "
                "on CPU N:M is reported as FLOPs only")

@@ -1,7 +1,7 @@
 """Compaction benchmark: zero a random half of every coupled filter group, compact, check the outputs,
 and compare measured CPU speedup with the FLOPs reduction.
 
-    python scripts/bench_compaction.py [--threads 1] [--clock cpu] [--layouts nchw nhwc] [--repeats 5]
+    python scripts/bench/bench_compaction.py [--threads 1] [--clock cpu] [--layouts nchw nhwc] [--repeats 5]
         [--min-run-time 0.5] [--onnxruntime] [--out results/compaction_bench]
 
 --onnxruntime also times both models exported to ONNX in onnxruntime (CPU), beside PyTorch.
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/compaction_bench"))
     args = parser.parse_args(argv)
-    command = "python " + shlex.join(["scripts/bench_compaction.py", *(sys.argv[1:] if argv is None else argv)])
+    command = "python " + shlex.join(["scripts/bench/bench_compaction.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     columns = COLUMNS + (ORT_COLUMNS if args.onnxruntime else [])
     rows = []

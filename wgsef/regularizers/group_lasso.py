@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from wgsef.functional import _group_lasso_prox, _group_lasso_value
 from wgsef.groups import SCHEMES, build_groups
 from wgsef.groups.base import GroupSet
-from wgsef.penalties.base import GroupPenalty
+from wgsef.regularizers.base import GroupPenalty
 
 WEIGHTS = ("sqrt_size", "ones")
 

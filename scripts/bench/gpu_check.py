@@ -1,6 +1,6 @@
 """Everything that needs a GPU, in one command (< 8 minutes on one H100): `make gpu-check`.
 
-    python scripts/gpu_check.py [--cpu] [--budget 360] [--out results/gpu_check.md]
+    python scripts/bench/gpu_check.py [--cpu] [--budget 360] [--out results/gpu_check.md]
 
 Sections, each run even when an earlier one failed (the exit code is 1 when any failed):
   1. the CUDA-only tests (the tests with `cuda` in their name, in the files that mention CUDA);
@@ -8,9 +8,9 @@ Sections, each run even when an earlier one failed (the exit code is 1 when any 
      synthetic CIFAR-10-format data (`dataset.synthetic`), through wgsef.run.run as `experiments.train`
      runs it: training, finalize, compaction and the latency of dense vs compacted model on every device;
   3. ms, operator calls and host syncs per training step of each method against dense
-     (scripts/bench_step.py: ResNet18 and VGG16, batch 128, fp32 and bf16);
-  4. the WGSEF prox on 11.2M values (ResNet18's weights) against torch.sort of them (scripts/bench_prox.py);
-  5. 2:4 semi-structured vs dense Linear (scripts/bench_nm.py);
+     (scripts/bench/bench_step.py: ResNet18 and VGG16, batch 128, fp32 and bf16);
+  4. the WGSEF prox on 11.2M values (ResNet18's weights) against torch.sort of them (scripts/bench/bench_prox.py);
+  5. 2:4 semi-structured vs dense Linear (scripts/bench/bench_nm.py);
   6. the CUDA latency of a compacted model (from section 2's WGSEF run).
 Writes the report (first line: the command) to --out. Without CUDA, or with --cpu, every section runs at
 tiny sizes on the CPU (the test suite runs it so: tests/test_train.py) and CUDA-only parts say why they
@@ -36,7 +36,7 @@ import bench_nm
 import bench_prox
 import bench_step
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESNET18_PARAMS = bench_prox.RESNET18_PARAMS
 
 
@@ -134,7 +134,7 @@ def step_table(sizes: Sizes, device: torch.device, out: dict, deadline: float):
     expected = len(sizes.step_models) * len(sizes.step_precisions) * len(bench_step.METHODS)
     out["steps"] = rows
     pipeline = bench_step.bench_pipeline(1280, 128)
-    md = bench_step.markdown("scripts/bench_step.py via gpu_check", rows, pipeline).splitlines()[2:]
+    md = bench_step.markdown("scripts/bench/bench_step.py via gpu_check", rows, pipeline).splitlines()[2:]
     syncs_ok = all(r["syncs_amortised"] <= 1 for r in rows)
     resnet = [r for r in rows if r["model"] == "resnet18"]
     slow = [f"{r['precision']} {r['method']} {r['x_dense']:.2f}x" for r in resnet if r["x_dense"] > 1.10]
@@ -163,7 +163,7 @@ def prox(sizes: Sizes, device: torch.device):
 @section("5. 2:4 semi-structured Linear against dense")
 def nm(sizes: Sizes, cuda: bool):
     if not cuda or not sizes.nm_sizes:
-        from wgsef.penalties.srste import CPU_MESSAGE
+        from wgsef.regularizers.srste import CPU_MESSAGE
 
         return [f"skipped: no CUDA GPU ({CPU_MESSAGE})."], True
     rows = [bench_nm.bench(size, torch.float16, sizes.min_run_time) for size in sizes.nm_sizes]
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=360,
                    help="seconds from the start after which the step table stops adding rows (the rest is short)")
     args = p.parse_args(argv)
-    command = "python scripts/gpu_check.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python scripts/bench/gpu_check.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     cuda = torch.cuda.is_available() and not args.cpu
     device, sizes = torch.device("cuda" if cuda else "cpu"), GPU if cuda else CPU
     if not cuda:

@@ -1,6 +1,6 @@
 """Prox scaling benchmark: time vs number of group variables n (unstructured: one group per weight).
 
-    python scripts/bench_prox.py [--sizes 1e3 1e4 1e5 1e6 1e7 1e8] [--threads N] [--clock wall|cpu]
+    python scripts/bench/bench_prox.py [--sizes 1e3 1e4 1e5 1e6 1e7 1e8] [--threads N] [--clock wall|cpu]
         [--device cpu|cuda] [--out results/prox_scaling]
 
 Times, as the median of repeats on the magnitudes of a Gaussian vector with k = n / 10 and mu = 1e-3:
@@ -174,7 +174,7 @@ def main(argv: list[str]) -> None:
             rows.append({"n": resnet["groups"], "method": f"resnet18_filter_{part}_{name}", "seconds": sec,
                          "ns_per_var": 1e9 * sec / resnet["groups"]})
 
-    header = (f"python {shlex.join(['scripts/bench_prox.py', *argv])}  "
+    header = (f"python {shlex.join(['scripts/bench/bench_prox.py', *argv])}  "
               f"(device={args.device}, threads={torch.get_num_threads()}, clock={args.clock})")
     out = Path(args.out).with_suffix(".csv")
     out.parent.mkdir(parents=True, exist_ok=True)

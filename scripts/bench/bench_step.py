@@ -1,6 +1,6 @@
 """Per training step, for each method: time, operator calls and host syncs; and the CIFAR input pipeline.
 
-    python scripts/bench_step.py [--models vgg16 resnet18] [--methods dense wgsef_layer ...] [--batch 128]
+    python scripts/bench/bench_step.py [--models vgg16 resnet18] [--methods dense wgsef_layer ...] [--batch 128]
         [--steps 12] [--width 1.0] [--precision fp32 bf16] [--device auto|cpu|cuda] [--threads 1]
         [--pipeline-samples 5120] [--out results/step_bench]
 
@@ -37,7 +37,7 @@ from wgsef.distributed import Dist
 from wgsef.profiling import OpCounter
 from wgsef.train import resolve_device
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 METHODS = {  # name -> overrides of the training config
     "dense": ["method=dense"],
     "wgsef_layer": ["method=wgsef", "regularizer.scope=layer"],
@@ -243,7 +243,7 @@ def parse(argv=None):
 
 def main(argv=None) -> None:
     args = parse(argv)
-    command = "python scripts/bench_step.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python scripts/bench/bench_step.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     clock = "wall" if device.type == "cuda" else args.clock or "cpu"

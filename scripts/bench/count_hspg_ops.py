@@ -1,6 +1,6 @@
 """Operator calls and host syncs of one HSPG optimizer step against a dense SGD step, on VGG16 (CIFAR-10).
 
-    python scripts/count_hspg_ops.py [--width 1.0] [--out results/hspg_ops]
+    python scripts/bench/count_hspg_ops.py [--width 1.0] [--out results/hspg_ops]
 
 Operator calls and host syncs are counted by `wgsef.profiling.OpCounter`. Each optimizer takes one step
 first (buffers and device tables are built then), and the second step is counted. The dense
@@ -24,9 +24,9 @@ from wgsef.groups.base import GroupSet
 from wgsef.models import build
 from wgsef.optim import sgd
 from wgsef.optim.hspg import hspg
-from wgsef.penalties.base import Regularizer
-from wgsef.penalties.group_lasso import GroupLasso
-from wgsef.penalties.wgsef import WGSEF
+from wgsef.regularizers.base import Regularizer
+from wgsef.regularizers.group_lasso import GroupLasso
+from wgsef.regularizers.wgsef import WGSEF
 from wgsef.profiling import OpCounter
 
 CASES = {  # name -> (penalty factory, hspg keyword arguments, epoch counted)
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
             own = total.ops - parts.ops["groupset"] - parts.ops["penalty"] - dense.ops
             rows.append((name, momentum, total.ops, dense.ops, total.ops - dense.ops, parts.ops["groupset"],
                          parts.ops["penalty"], own, total.syncs, total.syncs - sum(parts.syncs.values())))
-    lines = [f"<!-- command: python {shlex.join(['scripts/count_hspg_ops.py', *(argv or sys.argv[1:])])} -->", "",
+    lines = [f"<!-- command: python {shlex.join(['scripts/bench/count_hspg_ops.py', *(argv or sys.argv[1:])])} -->", "",
              f"Operator calls of one optimizer step on VGG16 (width {args.width}, CIFAR-10 shapes), CPU; "
              "dense = torch.optim.SGD with the same momentum.", "",
              "| HSPG step | momentum | ops | dense ops | extra ops | in GroupSet | in the penalty | HSPG's own extra "

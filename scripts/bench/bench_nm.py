@@ -1,9 +1,9 @@
 """Dense vs 2:4 semi-structured nn.Linear latency on CUDA (torch.utils.benchmark, median).
 
-    python scripts/bench_nm.py [--dtype float16|bfloat16] [--sizes 64x4096x4096 ...] [--out nm.json]
+    python scripts/bench/bench_nm.py [--dtype float16|bfloat16] [--sizes 64x4096x4096 ...] [--out nm.json]
 
 Each size is batch x in_features x out_features. The weight is pruned to 2:4 along its inputs (the
-same weights feed both layers), converted with wgsef.penalties.srste.to_semi_structured, and both
+same weights feed both layers), converted with wgsef.regularizers.srste.to_semi_structured, and both
 outputs are checked to agree before timing. Without a CUDA GPU with sparse tensor cores it prints why
 and exits: there N:M is reported as FLOPs only.
 """
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from wgsef.penalties.nm import nm_mask
-from wgsef.penalties.srste import CPU_MESSAGE, to_semi_structured
+from wgsef.regularizers.nm import nm_mask
+from wgsef.regularizers.srste import CPU_MESSAGE, to_semi_structured
 
 SIZES = ["64x4096x4096", "512x4096x4096", "2048x4096x11008", "2048x11008x4096", "8192x1024x1024"]
 

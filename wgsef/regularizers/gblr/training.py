@@ -3,7 +3,7 @@
 `attach` swaps Linear / Conv2d layers for GBLR layers; the penalty lam * sum(w_in + w_out) acts by a
 proximal step on the widths after every optimizer step, widths <- clamp(softshrink(widths, lam * lr),
 0, 1) (clamped after every step, also while the shrinkage pauses); sigma follows the homotopy schedule;
-`finalize` deploys every GBLR layer in the fastest of its exact forms (gblr_infer.deploy).
+`finalize` deploys every GBLR layer in the fastest of its exact forms (`deploy`: candidate_forms, fastest).
 
 Official choices (changwoolee/Gaudi-GBLR), each an option: widths and locations trained by Adam with
 betas (0, 0.999) at lr 0.005 following the weights' schedule (`structural_optimizer: adam`; `sgd` puts
@@ -24,9 +24,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from wgsef.penalties.base import Regularizer
-from wgsef.penalties.gblr_infer import candidate_forms, fastest, to_dense, to_inference
-from wgsef.penalties.gblr_layers import (LOCATION_INITS, GBLRConv2d, GBLRLayer, GBLRLinear, MaskPlan,
+from wgsef.regularizers.base import Regularizer
+from wgsef.regularizers.gblr.deploy import candidate_forms, fastest, to_dense, to_inference
+from wgsef.regularizers.gblr.layers import (LOCATION_INITS, GBLRConv2d, GBLRLayer, GBLRLinear, MaskPlan,
                                          _parse_width_init, dense_flops, gblr_flops)
 
 LAYER_CHOICES = ("auto", "all", "residual")

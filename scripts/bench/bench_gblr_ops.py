@@ -6,7 +6,7 @@ after_step) and the host syncs among them with wgsef.profiling.OpCounter, after 
 project's SGD factory; GBLR its default config (structural Adam, batched masks). Writes
 results/gblr_step_ops.csv (first line: the command).
 
-    python scripts/bench_gblr_ops.py [--out results/gblr_step_ops.csv]
+    python scripts/bench/bench_gblr_ops.py [--out results/gblr_step_ops.csv]
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from omegaconf import OmegaConf
 
 from wgsef.models import build
 from wgsef.optim import sgd
-from wgsef.penalties.base import Regularizer
-from wgsef.penalties.gblr import GBLR
+from wgsef.regularizers.base import Regularizer
+from wgsef.regularizers.gblr import GBLR
 from wgsef.profiling import OpCounter
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "regularizer" / "gblr.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "regularizer" / "gblr.yaml"
 
 
 def step_ops(model, regularizer, x, y) -> tuple[int, int]:

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from wgsef.groups.base import GroupSet
-from wgsef.penalties.base import Regularizer
-from wgsef.penalties.group_lasso import GroupLasso
+from wgsef.regularizers.base import Regularizer
+from wgsef.regularizers.group_lasso import GroupLasso
 
 TYPES = ("filter", "channel", "shape", "depth")
 MODES = ("subgradient", "prox")

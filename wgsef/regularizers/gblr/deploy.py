@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wgsef.penalties.gblr_layers import GBLRConv2d, GBLRLayer, GBLRLinear
+from wgsef.regularizers.gblr.layers import GBLRConv2d, GBLRLayer, GBLRLinear
 
 
 def plan_tiles(start: np.ndarray, length: np.ndarray, overhead: float) -> tuple[np.ndarray, list[tuple]]:
@@ -184,7 +184,7 @@ class GBLRConv2dInference(GBLRInference):
     `tile_overhead`: MACs per output position one more call is worth. A conv call makes memory passes
     over its input slice and output, so its fixed cost grows with batch x positions like its MACs
     (~1 ms per call at 16 x 32 x 32 on this project's CPU); 8000 was the best of 1e3..1e6 on
-    256 -> 256 3x3 convs at 8 x 8 (scripts/bench_gblr.py)."""
+    256 -> 256 3x3 convs at 8 x 8 (scripts/bench/bench_gblr.py)."""
 
     def __init__(self, layer: GBLRConv2d, tile_overhead: float = 8000.0, batch_hint: int = 16):
         _check(tile_overhead, batch_hint)

@@ -1,0 +1,3 @@
+from wgsef.regularizers.base import GroupPenalty, Regularizer
+
+__all__ = ["GroupPenalty", "Regularizer"]
