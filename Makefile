@@ -33,7 +33,7 @@ GL_LAMS ?= 7.5e-3,1e-2,1.4e-2
 HSPG_LAMS ?= 3.25e-3,3.75e-3,4.5e-3
 WGSEF_HSPG_LAM ?= 1e-2
 # HSPG here: sqrt(size)-weighted groups and a prox first stage. OTO's exact recipe (method=hspg: unweighted,
-# subgradient stage 1) is all-or-nothing on this BatchNorm model (README: "Choices the papers leave open").
+# subgradient stage 1) is all-or-nothing on this BatchNorm model (docs/choices.md).
 demo: $(STAMP) ## the main job, offline: every method on digits (VGG16 x0.25) at matched sparsity, 3 seeds; results/demo.{csv,md} + figures
 	$(DEMO) method=dense $(SEEDS)
 	$(DEMO) method=wgsef $(KEPT) $(SEEDS)
@@ -49,15 +49,15 @@ demo: $(STAMP) ## the main job, offline: every method on digits (VGG16 x0.25) at
 	$(PY) scripts/make_table.py runs/demo --name demo --out results
 	$(PY) scripts/plot.py runs/demo --out results/figures/demo
 	$(PY) scripts/compare_at_k.py results/demo.csv --out results/demo_at_k.md
-	$(PY) scripts/readme_table.py results/demo.md README.md
+	$(PY) scripts/readme_table.py results/demo.md docs/results.md
 	$(PY) scripts/readme_table.py results/demo_at_k.md README.md demo-at-k
 
 .PHONY: notebook
 notebook: $(STAMP) ## execute notebooks/analysis.ipynb in place (nbclient): tables of results/, figures of runs/ (WGSEF_RUNS=...)
 	.venv/bin/jupyter-execute --inplace --timeout=600 notebooks/analysis.ipynb
 
-readme-table: $(STAMP) ## copy results/demo.md and results/demo_at_k.md into README.md (make demo does this)
-	$(PY) scripts/readme_table.py results/demo.md README.md
+readme-table: $(STAMP) ## copy results/demo_at_k.md into README.md and results/demo.md into docs/results.md (make demo does this)
+	$(PY) scripts/readme_table.py results/demo.md docs/results.md
 	$(PY) scripts/readme_table.py results/demo_at_k.md README.md demo-at-k
 
 # Paper tables: the sweep (resumable: re-run to continue), SSL from the dense runs, then table + figures.

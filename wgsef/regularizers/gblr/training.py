@@ -11,7 +11,7 @@ them in the main optimizer with their own lr and momentum); `width_init` splr / 
 `location_init` zero / linspace; `per_kernel` convs; in ResNets only the convs of the residual stages
 (`layers: auto`); eval-mode masks hard-shrunk (`eval_hard`).
 
-Project choices where the paper is silent (documented in the README):
+Project choices where the paper is silent (documented in docs/choices.md):
 - the prox step is lam * lr with lr the weights' learning rate (`shrink_lr: weights`; the official
   callback reads the last param group's lr, which is the structural group: `shrink_lr: structural`);
 - `target_width` compares with the plain mean of all widths (both axes, all GBLR layers);
