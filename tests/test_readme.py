@@ -88,11 +88,45 @@ def test_pages_name_only_existing_targets_scripts_and_presets(page):
             assert any(t.startswith(target) for t in targets), f"{page.name}: no make {target}*"
         else:
             assert target in targets, f"{page.name}: make {target} is not a Makefile target"
-    for path in re.findall(r"\b((?:scripts|configs|wgsef|experiments|tests|results|notebooks)/[\w./{},*<>-]*[\w}*>])", text):
+    folders = "scripts|configs|wgsef|experiments|tests|results|notebooks"
+    for path in re.findall(rf"\b((?:{folders})/[\w./{{}},*<>-]*[\w}}*>])", text):
         if not any(c in path for c in "*<{"):  # a pattern, not a path
             assert (ROOT / path).exists(), f"{page.name}: {path} does not exist"
     for group, name in re.findall(r"\b(method|experiment|model|dataset|scheduler|optimizer|logger)=(\w+)", text):
         assert (ROOT / "configs" / group / f"{name}.yaml").exists(), f"{page.name}: {group}={name} has no config"
+
+
+def known_keys() -> dict[str, set[str]]:
+    """The config keys a page may name: constructor parameters of every target of a group, and train.yaml's."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from wgsef import data, logging, optim
+    from wgsef.optim import hspg, prox_adamw, prox_sgd
+    from wgsef.regularizers import gblr, group_lasso, srste, ssl, wgsef
+
+    params = lambda *fns: {p for fn in fns for p in inspect.signature(fn).parameters}  # noqa: E731
+    train = OmegaConf.load(ROOT / "configs" / "train.yaml")
+    return {
+        "regularizer": params(wgsef.WGSEF, group_lasso.GroupLasso, ssl.SSL, srste.SRSTE, gblr.GBLR),
+        "optimizer": params(optim.sgd, prox_sgd.prox_sgd, prox_adamw.prox_adamw, hspg.hspg),
+        "dataset": params(data.build_loaders),
+        "logger": params(logging.WandbLogger),
+        "trainer": set(train.trainer), "measure": set(train.measure),
+    }
+
+
+WRONG_ON_PURPOSE = {"trainer.epoch"}  # configs.md shows the error a misspelt key gets
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_pages_name_only_existing_config_keys(page):
+    keys = known_keys()
+    text = re.sub(r"```python\n.*?```", "", prose(page), flags=re.S)  # python variables, not config keys
+    for group, key in re.findall(r"\b(regularizer|optimizer|dataset|logger|trainer|measure)\.([a-z_]+)\b", text):
+        if f"{group}.{key}" not in WRONG_ON_PURPOSE and key != "py":  # measure.py is a file
+            assert key in keys[group], f"{page.name}: {group}.{key} is not a config key"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
