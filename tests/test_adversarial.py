@@ -272,7 +272,7 @@ def test_divergence_is_a_status_not_an_input_error(home, monkeypatch, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert code == 1 and summary["status"] == "diverged" and "at epoch 1, step" in summary["error"]
     assert not (run_dir / "checkpoints").exists() and "no checkpoint was written" in err[-1], err
-    assert out[0].startswith("diverged: ") and len(out) == 1
+    assert out[-1].startswith("diverged: ") and out[0].startswith("run ") and len(out) == 2  # no epoch completed
 
 
 def test_make_clean_keeps_runs_unless_confirmed(tmp_path):
