@@ -23,8 +23,8 @@ from wandb_to_csv import record_from_wandb  # noqa: E402
 
 # (method, lam, seed) -> (best-val test acc, final test acc, group sparsity)
 COMPLETED = {
-    ("wgsef", 1e-3, 0): (0.90, 0.89, 0.40), ("wgsef", 1e-3, 1): (0.92, 0.90, 0.50),
-    ("wgsef", 1e-3, 2): (0.94, 0.93, 0.60),
+    ("wgsef", 1e-3, 0): (0.90, 0.89, 0.48), ("wgsef", 1e-3, 1): (0.92, 0.90, 0.50),
+    ("wgsef", 1e-3, 2): (0.94, 0.93, 0.52),
     ("wgsef", 1e-2, 0): (0.80, 0.80, 0.80), ("wgsef", 1e-2, 1): (0.84, 0.82, 0.70),
     ("group_lasso", 1e-3, 0): (0.91, 0.91, 0.30), ("group_lasso", 1e-3, 1): (0.93, 0.92, 0.20),
 }
@@ -36,7 +36,8 @@ def config(method, lam, seed, epochs=3):
             "paths": {"data_dir": "data", "runs_dir": "runs"},
             "dataset": {"_target_": "wgsef.data.build_loaders", "name": "digits", "image_size": 16},
             "model": {"_target_": "wgsef.models.build", "name": "lenet5"},
-            "regularizer": {"_target_": "wgsef.regularizers.x.X", "lam": lam, "k": 0.5, "layers": None, "block": [2, 2]}}
+            "regularizer": {"_target_": "wgsef.regularizers.x.X", "lam": lam, "layers": None, "block": [2, 2],
+                            **({"k": 0.5} if method == "wgsef" else {})}}
 
 
 def metrics_rows(epochs, sparsity, final_acc, lam=None):
@@ -155,8 +156,11 @@ def test_table_header_and_failures_listed(table, runs):
     assert csv_first.startswith("# command: python scripts/make_table.py ")
     assert first.startswith("<!-- command: python scripts/make_table.py ") and first.endswith("-->")
     assert "--name t1" in first and str(runs) in first
-    # wgsef lam=1e-3: test acc 0.90, 0.92, 0.94; FLOPs reduction 1.8, 2, 2.2
-    assert "| 92.00 ± 2.00 |" in md and "| 2.00 ± 0.20 |" in md
+    # wgsef lam=1e-3: test acc 0.90, 0.92, 0.94; FLOPs reduction 1.96, 2, 2.04
+    assert "| 92.00 ± 2.00 |" in md and "| 2.00 ± 0.04 |" in md
+    # wgsef lam=1e-2 keeps 0.2 and 0.3 of its groups where k = 0.5 asks for 0.5
+    assert "- wgsef lam=0.01: kept 0.25 against a target of 0.5 in 2 of 2 runs (tolerance 0.05)" in md
+    assert md.count("\n- wgsef") == 1  # the only row that missed its target
     assert "| 96.00 |" in md  # one seed: no ± std
     assert "GPU speedup" not in md  # no run measured on a GPU
     assert "| ONNX Runtime CPU speedup b64 (×) |" in md and "| ONNX Runtime CPU latency b64 (ms) |" in md
@@ -191,11 +195,37 @@ FIGURES = ["acc_vs_sparsity", "acc_vs_flops", "sparsity_over_epochs", "lambda_k"
 
 def test_plot_writes_every_figure(runs, tmp_path, capsys):
     plot.main([str(runs), "--out", str(tmp_path), "--name", "p_"])
-    names = {p.name for p in tmp_path.iterdir()}
-    for stem in [*FIGURES, "widths_digits_lenet5_wgsef_lam=0.001", "widths_digits_lenet5_wgsef_lam=0.01"]:
+    names = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.*")}
+    for stem in [*FIGURES, "widths/p_digits_lenet5_wgsef_lam=0.001", "widths/p_digits_lenet5_wgsef_lam=0.01"]:
         for ext in ("png", "pdf"):
-            assert f"p_{stem}.{ext}" in names and (tmp_path / f"p_{stem}.{ext}").stat().st_size > 1000
+            stem_ = stem if "/" in stem else f"p_{stem}"
+            assert f"{stem_}.{ext}" in names and (tmp_path / f"{stem_}.{ext}").stat().st_size > 1000
     assert len(names) == 14 and "skipped" not in capsys.readouterr().out
+    from PIL import Image
+
+    for stem in FIGURES:  # paper widths at 300 dpi: at most 7 in (cropped to their content, nothing cut off)
+        width, height = Image.open(tmp_path / f"p_{stem}.png").size
+        assert width <= 7 * 300 + 10 and height <= 9 * 300, (stem, width, height)
+
+
+def test_legends_inside_the_image(runs):
+    """Every figure's legend lies inside the figure it is saved with (none cut off at any edge)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    records = _runs.load_runs([runs])
+    for name, fig in plot.figures(records).items():
+        if fig is None:
+            continue
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        box = fig.bbox
+        for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]:
+            extent = legend.get_window_extent(renderer)
+            assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1, name
+            assert box.y0 - 1 <= extent.y0 and extent.y1 <= box.y1 + 1, name
+        axes = [ax.get_window_extent(renderer) for ax in fig.axes if ax.get_visible()]
+        for legend in fig.legends:  # below the axes, not over them
+            assert legend.get_window_extent(renderer).y1 <= min(a.y0 for a in axes), name
 
 
 def test_plot_skips_absent_data(runs, tmp_path, capsys):
@@ -223,12 +253,12 @@ def test_plot_and_table_on_runs_without_a_completed_one(runs, tmp_path, capsys):
 def test_plot_contents(runs):
     records = _runs.load_runs([runs])
     ax = plot.acc_vs_sparsity(_runs.aggregate(records)).axes[0]
-    curves = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar containers
-    x, y = curves["wgsef"].get_data()  # sorted by sparsity: lam=1e-3 (mean 50%) then lam=1e-2 (mean 75%)
-    assert list(x) == pytest.approx([50, 75]) and list(y) == pytest.approx([100 * (0.89 + 0.90 + 0.93) / 3, 81])
-    assert set(curves) == {"wgsef", "group_lasso"}
+    points = {(round(c.lines[0].get_xdata()[0], 6), c.lines[0].get_markerfacecolor() == "none") for c in ax.containers}
+    # wgsef lam=1e-3 (mean 50%) on target; lam=1e-2 (mean 75%, k = 0.5 asks for 50%) hollow; group lasso 25%
+    assert points == {(50, False), (75, True), (25, False)}
     dense = [line for line in ax.get_lines() if line.get_label() == "dense"]
-    assert dense[0].get_ydata()[0] == pytest.approx(95)
+    assert dense[0].get_ydata()[0] == pytest.approx(95) and dense[0].get_marker() == "*"
+    assert dense[0].get_color() == "black"
     fig = plot.speedup_vs_flops(records)
     assert [a.get_title() for a in fig.axes] == ["PyTorch CPU, batch 1", "PyTorch CPU, batch 64",
                                                  "ONNX Runtime CPU, batch 1", "ONNX Runtime CPU, batch 64"]
@@ -236,22 +266,31 @@ def test_plot_contents(runs):
     assert [b.get_height() for b in bars] == [6, 16, 120, 6, 8, 60]
 
 
-def test_figure_styles_one_colour_per_method_one_style_per_setting(runs):
+def test_sparsity_over_epochs_one_line_per_method_seeds_as_a_band(runs):
     records = _runs.load_runs([runs])
     styles = plot.Styles(records)
     fig = plot.sparsity_over_epochs(records, styles)
-    left = fig.axes[0]
-    wgsef = [line for line in left.get_lines() if line.get_color() == styles.colors["wgsef"]]
-    assert len(wgsef) == 7  # 3 seeds at lam=1e-3, 2 at 1e-2, and the diverged and killed runs at lam=1e-3
-    assert len({line.get_linestyle() for line in wgsef}) == 2  # one line style per setting
-    assert len(set(styles.colors.values())) == len(styles.colors) == 3  # wgsef, group_lasso, dense
+    # columns: target 0.5 (wgsef's k), no target (group lasso keeps 0.75: farther than 0.125 from 0.5);
+    # rows: group sparsity, nonzero / k, lambda
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["target kept fraction 0.5", "no target"]
+    sparsity = fig.axes[0]
+    solid = [line for line in sparsity.get_lines() if line.get_linestyle() == "-"]
+    (wgsef,) = solid  # one line for the 3 completed seeds at lam=1e-3 (diverged and killed runs left out)
+    assert wgsef.get_color() == styles.colors["wgsef"]
+    assert list(wgsef.get_ydata()) == pytest.approx([100 * 0.5 * e / 3 for e in (1, 2, 3)])  # mean of 48, 50, 52 %
+    (band,) = sparsity.collections  # min-max over seeds
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(100 * 0.48 / 3) and ys.max() == pytest.approx(100 * 0.52)
+    dotted = [line for line in sparsity.get_lines() if line.get_linestyle() == ":"]
+    assert len(dotted) == 2  # the two lam=1e-2 runs that missed k, each on its own
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert labels.count("wgsef lam=0.001") == 1  # seeds share one legend entry
-    # nonzero groups / k: 20 groups, k_groups 10, sparsity 40% at the end of seed 0 at lam=1e-3 -> 1.2
-    ratio = fig.axes[1]
-    assert ratio.get_yscale() == "log" and any(line.get_ydata()[-1] == pytest.approx(1.2) for line in ratio.get_lines())
-    lam = fig.axes[2]
-    assert {tuple(line.get_ydata()) for line in lam.get_lines()} >= {(1e-3, 2e-3, 3e-3)}
+    assert labels == ["wgsef", "group_lasso", "dotted: a run that missed its target"]
+    assert (styles.colors["wgsef"], styles.colors["group_lasso"], styles.colors["dense"]) == ("C1", "C0", "black")
+    # nonzero groups / k: 20 groups, k_groups 10, sparsity 50% (mean) at the end at lam=1e-3 -> 1
+    ratio = fig.axes[2]
+    assert ratio.get_yscale() == "log" and ratio.get_lines()[0].get_ydata()[-1] == pytest.approx(1.0)
+    lam = fig.axes[4]
+    assert list(lam.get_lines()[0].get_ydata()) == pytest.approx([1e-3, 2e-3, 3e-3])  # lam=1e-3, mean of 3 seeds
 
 
 def test_speedup_and_accuracy_vs_flops_are_log_scaled(runs):
@@ -266,9 +305,9 @@ def test_speedup_and_accuracy_vs_flops_are_log_scaled(runs):
     ax = plot.acc_vs_flops(_runs.aggregate(records)).axes[0]
     assert ax.get_xscale() == "log"
     bars = {round(c.lines[0].get_xdata()[0], 6): c for c in ax.containers}
-    # wgsef lam=1e-3: FLOPs reduction 1 + 2 * sparsity over sparsities 0.4, 0.5, 0.6 -> mean 2.0, std 0.2
+    # wgsef lam=1e-3: FLOPs reduction 1 + 2 * sparsity over sparsities 0.48, 0.5, 0.52 -> mean 2.0, std 0.04
     xerr = bars[2.0].lines[2][0].get_segments()[0]
-    assert [p[0] for p in xerr] == pytest.approx([1.8, 2.2])
+    assert [p[0] for p in xerr] == pytest.approx([1.96, 2.04])
     assert [line.get_label() for line in ax.get_lines() if line.get_label() == "dense"] == ["dense"]
 
 
