@@ -392,3 +392,104 @@ def test_compare_at_k_places_each_method_at_its_kept_fraction(tmp_path):
     assert placed == {("wgsef", "k=0.25, lam=0.001"): "0.25", ("magnitude", "k=0.5"): "0.50",
                       ("group_lasso", "lam=0.01"): "0.75"}  # lam=0.1 keeps 0.01: no target within 0.125
     assert "95.00 ± 1.00" in (tmp_path / "t.md").read_text() and "Dense reference" in (tmp_path / "t.md").read_text()
+
+
+def demo_records():
+    """Records as the demo makes them (VGG16 x0.25 on digits, 10 classes): dense; wgsef at k = 0.25/0.5/0.75
+    (lam 1e-3, 2 seeds) plus its lambda characterisation at k = 0.5 (one of them collapsed); group lasso over
+    lambda; HSPG collapsed; GBLR short of its width target."""
+    def rec(method, seed, acc, sparsity=None, lam=None, k=None, **extra):
+        cfg = config(method, lam, seed)
+        cfg["model"]["width"] = 0.25
+        cfg["regularizer"] = {"lam": lam, **({"k": k} if k is not None else {}),
+                              **({"target_width": extra.pop("target_width")} if "target_width" in extra else {})}
+        s = summary(method, seed, acc, acc, sparsity or 0.0, num_classes=10, flops_reduction=1 / (1 - (sparsity or 0)))
+        s["final"] = {"test_acc": acc, **({"group_sparsity": sparsity} if sparsity is not None else {}), **extra}
+        s["model"] = "vgg16"
+        return _runs.make_record(f"r/{method}/{lam}/{k}/{seed}", cfg, s)
+    records = [rec("dense", s, 0.97) for s in (0, 1)]
+    records += [rec("wgsef", s, 0.96 - k / 10, 1 - k, 1e-3, k) for k in (0.25, 0.5, 0.75) for s in (0, 1)]
+    records += [rec("wgsef", 0, acc, 0.5, lam, 0.5) for lam, acc in ((1e-1, 0.9), (1.0, 0.15))]
+    records += [rec("group_lasso", s, 0.93, sp, lam) for lam, sp in ((1e-2, 0.3), (2e-2, 0.5)) for s in (0, 1)]
+    records += [rec("hspg", s, acc, 0.9, 5e-3) for s, acc in ((0, 0.197), (1, 0.5))]
+    records += [rec("gblr", 0, 0.9, None, 0.1, target_width=0.25, mean_width=0.46)]
+    return _runs.records_frame(records)
+
+
+def test_on_target_collapsed_and_off_target():
+    """collapsed: final test acc <= 2 x chance (0.2 with 10 classes); off target: kept fraction (1 - group
+    sparsity; GBLR: mean width) farther than 0.05 from the config's target (k; GBLR: target_width)."""
+    records = demo_records()
+    got = {(r.method, str(r.config["regularizer.lam"]), r.seed): (r.collapsed, r.on_target) for r in records.itertuples()}
+    assert got["wgsef", "1.0", 0] == (True, False)  # 15 %: collapsed
+    assert got["wgsef", "0.1", 0] == (False, True) and got["wgsef", "0.001", 1] == (False, True)
+    assert got["hspg", "0.005", 0] == (True, False) and got["hspg", "0.005", 1] == (False, True)  # 19.7 %, 50 %
+    assert got["group_lasso", "0.02", 0] == (False, True)  # no target in its config: on target unless collapsed
+    assert got["dense", "None", 0] == (False, True)
+    gblr = records[records["method"] == "gblr"].iloc[0]
+    assert (gblr["kept"], gblr["target_kept"], gblr["on_target"]) == (0.46, 0.25, False)
+    run = {"mean_width": math.nan, "group_sparsity": 0.45, "config": {"regularizer.k": 0.5}, "num_classes": 100,
+           "final_test_acc": 0.02}
+    assert _runs.reached(run) == {"kept": 0.55, "target_kept": 0.5, "collapsed": True, "on_target": False}
+    edge = _runs.reached({**run, "group_sparsity": 0.46, "final_test_acc": 0.021})  # 2.1 % > 2 x 1 %
+    assert (edge["collapsed"], edge["on_target"]) == (False, True)  # kept 0.54: within 0.05 of 0.5
+    assert not _runs.reached({**run, "group_sparsity": 0.44, "final_test_acc": 0.5})["on_target"]  # kept 0.56
+
+    table = _runs.aggregate(records).set_index(["method", "setting"])
+    assert set(table["model"]) == {"vgg16 x0.25"}
+    assert not table.loc[("hspg", ""), "on_target"]
+    assert table.loc[("hspg", ""), "target_note"] == "collapsed in 1 of 2 runs (final test acc <= 2 x chance)"
+    assert table.loc[("gblr", ""), "target_note"] == ("kept 0.46 against a target of 0.25 in 1 of 1 runs "
+                                                      "(tolerance 0.05)")
+    assert table["on_target"].sum() == len(table) - 3  # hspg, gblr and wgsef at lam = 1
+
+
+def test_lambda_characterisation_is_its_own_series():
+    records = demo_records()
+    series = dict(zip(zip(records["method"], records["setting"]), records["series"]))
+    assert series["wgsef", "k=0.25, lam=0.001"] == series["wgsef", "k=0.5, lam=0.001"] == "wgsef"
+    assert series["wgsef", "k=0.5, lam=0.1"] == series["wgsef", "k=0.5, lam=1.0"] == "wgsef lambda sweep (k=0.5)"
+    assert set(records.loc[records["method"] == "group_lasso", "series"]) == {"group_lasso"}  # lambda is its axis
+    ax = plot.acc_vs_sparsity(_runs.aggregate(records)).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    # wgsef's k curve: k = 0.75, 0.5, 0.25 (sparsity 25, 50, 75 %); the lambda sweep is not joined into it
+    assert list(lines["wgsef"].get_xdata()) == pytest.approx([25, 50, 75])
+    assert list(lines["wgsef"].get_ydata()) == pytest.approx([100 * (0.96 - k / 10) for k in (0.75, 0.5, 0.25)])
+    sweep = [c for c in ax.containers if c.get_label() == "wgsef lambda sweep (k=0.5)"]
+    assert len(sweep) == 1 and sweep[0].lines[0].get_linestyle() == "None"  # markers only
+    hollow = sorted(round(c.lines[0].get_ydata()[0], 6) for c in ax.containers
+                    if c.lines[0].get_markerfacecolor() == "none")
+    assert hollow == [15, round(100 * (0.197 + 0.5) / 2, 6)]  # wgsef at lam = 1, HSPG: marked, in no curve
+    assert "hspg" not in lines  # its only row missed: no curve
+    dense = [line for line in ax.get_lines() if line.get_label() == "dense"]
+    assert dense[0].get_color() == "black" and dense[0].get_marker() == "*"
+
+
+def test_default_output_folder_keeps_existing_files(runs, tmp_path, monkeypatch, capsys):
+    """Without --out: reports/ (never results/), and a second run refuses to replace its files (one line,
+    exit 2, nothing written) unless --force; an explicit --out replaces what it names."""
+    monkeypatch.chdir(tmp_path)
+    make_table.main([str(runs), "--name", "t"])
+    assert (tmp_path / "reports" / "t.csv").exists() and (tmp_path / "reports" / "t.md").exists()
+    (tmp_path / "reports" / "t.md").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        make_table.main([str(runs), "--name", "t"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "reports/t.csv and 1 more already exist" in err
+    assert (tmp_path / "reports" / "t.md").read_text() == "mine"
+    make_table.main([str(runs), "--name", "t", "--force"])
+    assert (tmp_path / "reports" / "t.md").read_text() != "mine"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "t.md").write_text("mine")
+    make_table.main([str(runs), "--name", "t", "--out", "mine"])
+    assert (tmp_path / "mine" / "t.md").read_text().startswith("<!-- command:")
+
+    plot.main([str(runs / "multirun")])
+    assert (tmp_path / "reports" / "figures" / "acc_vs_sparsity.png").exists()
+    assert (tmp_path / "reports" / "figures" / "widths").is_dir()
+    before = (tmp_path / "reports" / "figures" / "acc_vs_sparsity.png").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(runs / "multirun")])
+    assert e.value.code == 2 and "--force" in capsys.readouterr().err
+    assert (tmp_path / "reports" / "figures" / "acc_vs_sparsity.png").stat().st_mtime_ns == before
+    assert not (tmp_path / "results").exists()
