@@ -19,6 +19,16 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+
+def repo_path(value: str | None, default: str) -> Path:
+    """A folder given by the user (an environment variable such as WGSEF_RUNS, or `default` when unset):
+    as given when absolute, else relative to the repository root, wherever the caller runs."""
+    path = Path(value or default).expanduser()
+    return path if path.is_absolute() else ROOT / path
+
+
 # Reported numbers, record column -> key in summary.json (looked up in summary["final"] first, then at
 # the top level, so the flat summary of a wandb run works too). Accuracies and sparsities are fractions.
 METRICS = {

@@ -11,7 +11,6 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -358,17 +357,44 @@ def test_record_from_wandb_matches_run_dir():
     assert running["status"] == "incomplete" and "running" in running["error"]
 
 
-def test_notebook_executes(runs, table, monkeypatch):
-    monkeypatch.setenv("WGSEF_RUNS", str(runs))
-    monkeypatch.setenv("WGSEF_RESULTS", str(table))
-    nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
-    NotebookClient(nb, timeout=60, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+def test_notebook_executes_into_a_copy(runs, table, tmp_path, monkeypatch):
+    """`make notebook` (scripts/run_notebook.py): relative WGSEF_RUNS / WGSEF_RESULTS from the repository root
+    whatever the current folder, outputs in a copy, the tracked notebook untouched."""
+    import run_notebook
+
+    tracked = (ROOT / "notebooks" / "analysis.ipynb").read_bytes()
+    monkeypatch.chdir(tmp_path)  # not the repository root: relative paths must not resolve from here
+    env = {"WGSEF_RUNS": str(runs), "WGSEF_RESULTS": str(table)}
+    out = run_notebook.main(["--out", str(tmp_path / "executed.ipynb")], environ=env)
+    assert (ROOT / "notebooks" / "analysis.ipynb").read_bytes() == tracked
+    nb = nbformat.read(out, as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(str(o.get("data", {}).get("text/plain", "")) + o.get("text", "") for o in outputs)
     assert "t1.csv" in str(outputs) and "group_lasso" in text and "CUDA out of memory" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 7  # (a)-(e), two width charts
+
+
+def test_notebook_folders_resolve_from_the_repository_root(tmp_path, monkeypatch, capsys):
+    """A relative WGSEF_RUNS is taken from the repository root, not from the current folder or notebooks/; a
+    missing folder stops `make notebook` with one line and exit code 2 before any kernel starts."""
+    import run_notebook
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # a folder of that name here must not be picked up
+    assert _runs.repo_path("runs/multirun/x", "runs") == ROOT / "runs" / "multirun" / "x"
+    assert _runs.repo_path(None, "results") == ROOT / "results"
+    assert _runs.repo_path(str(tmp_path / "runs"), "runs") == tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        run_notebook.main(["--out", str(tmp_path / "x.ipynb")],
+                          environ={"WGSEF_RUNS": "runs/no-such-sweep", "WGSEF_RESULTS": str(tmp_path)})
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"WGSEF_RUNS=runs/no-such-sweep resolves to {ROOT / 'runs' / 'no-such-sweep'}, which is not a dir" in err
+    with pytest.raises(SystemExit) as e:
+        run_notebook.main([], environ={"WGSEF_RUNS": str(tmp_path), "WGSEF_RESULTS": "nope"})
+    assert e.value.code == 2 and f"WGSEF_RESULTS=nope resolves to {ROOT / 'nope'}" in capsys.readouterr().err
+    assert not (tmp_path / "x.ipynb").exists()  # stopped before executing or writing anything
 
 
 def test_compare_at_k_places_each_method_at_its_kept_fraction(tmp_path):
