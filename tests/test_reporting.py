@@ -446,7 +446,8 @@ def test_on_target_collapsed_and_off_target():
     """collapsed: final test acc <= 2 x chance (0.2 with 10 classes); off target: kept fraction (1 - group
     sparsity; GBLR: mean width) farther than 0.05 from the config's target (k; GBLR: target_width)."""
     records = demo_records()
-    got = {(r.method, str(r.config["regularizer.lam"]), r.seed): (r.collapsed, r.on_target) for r in records.itertuples()}
+    got = {(r.method, str(r.config["regularizer.lam"]), r.seed): (r.collapsed, r.on_target)
+           for r in records.itertuples()}
     assert got["wgsef", "1.0", 0] == (True, False)  # 15 %: collapsed
     assert got["wgsef", "0.1", 0] == (False, True) and got["wgsef", "0.001", 1] == (False, True)
     assert got["hspg", "0.005", 0] == (True, False) and got["hspg", "0.005", 1] == (False, True)  # 19.7 %, 50 %
