@@ -256,9 +256,10 @@ def sparsity_over_epochs(records: pd.DataFrame, styles: Styles | None = None) ->
     lambda in effect (log); rows of panels for the metrics some run logged, one column per target kept
     fraction (`placed_targets`). One line per method (per setting where a method has several at a target):
     the mean over seeds, the band min-max over seeds. Lambda characterisations (lambda_k draws them) are left
-    out, and runs that missed their target are thin dotted lines of their own."""
+    out (as dense runs are), and runs that missed their target are thin dotted lines of their own."""
     styles = styles or Styles(records)
-    done = records[(records["status"] == "completed") & (records["series"] == records["method"])]
+    done = records[(records["status"] == "completed") & (records["series"] == records["method"])
+                   & ~records["method"].isin(DENSE)]
     done = done.assign(placed=placed_targets(done).fillna(NO_TARGET))
     curves = _curves(done, "group_sparsity")
     if not curves:
