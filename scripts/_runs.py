@@ -91,12 +91,6 @@ def _onnx_notes(get) -> str:
     return "; ".join(n for n in notes if n)
 
 
-def model_name(name: str, width) -> str:
-    """`vgg16 x0.25`: the model with its channel multiplier, when not 1 (as wgsef.run.model_name)."""
-    w = _number(width)
-    return name if math.isnan(w) or w == 1 else f"{name} x{w:g}"
-
-
 def target_kept(cfg: dict) -> float:
     """The kept fraction a run's config aims at: regularizer.k when a fraction in (0, 1), GBLR's
     regularizer.target_width; NaN for a method without one (dense, lambda-only methods, k as a count)."""
@@ -122,6 +116,8 @@ def make_record(run: str, config: dict, summary: dict | None, incomplete_reason:
     """One run as a flat record. `summary` is summary.json's content (or a wandb run's flat summary);
     None means the run never finished writing one. `method` names the method when the summary does not
     (a member that failed before training)."""
+    from wgsef.run import model_label
+
     summary = summary or {}
     final, cfg = summary.get("final") or {}, flatten(config)
 
@@ -134,7 +130,7 @@ def make_record(run: str, config: dict, summary: dict | None, incomplete_reason:
     record = {
         "run": run, "status": status, "error": error or "",
         "dataset": summary.get("dataset") or cfg.get("dataset.name") or "?",
-        "model": model_name(summary.get("model") or cfg.get("model.name") or "?", cfg.get("model.width")),
+        "model": model_label(summary.get("model") or cfg.get("model.name") or "?", cfg.get("model.width")),
         "method": summary.get("method") or method or cfg.get("method") or "?",
         "seed": summary.get("seed", cfg.get("seed")),
         **{col: _number(get(key)) for col, key in METRICS.items()},

@@ -90,17 +90,22 @@ KEY_SETTINGS = ("lam", "lams", "k", "n", "m", "scheme", "scope", "finish", "fini
                 "threshold")  # the regularizer's entries a start line shows (those it has)
 
 
-def model_name(cfg) -> str:
-    """The model with its channel multiplier when not 1: `vgg16 x0.25` (as scripts/_runs.py names it)."""
-    width = cfg.model.get("width", 1.0)
-    return cfg.model.name if width in (None, 1, 1.0) else f"{cfg.model.name} x{float(width):g}"
+def model_label(name: str, width=None) -> str:
+    """The model with its channel multiplier when not 1: `vgg16 x0.25` (start lines, and the tables'
+    model column through scripts/_runs.py)."""
+    try:
+        width = float(width)
+    except (TypeError, ValueError):
+        return name
+    return name if width == 1 else f"{name} x{width:g}"
 
 
 def start_line(cfg, run_dir: Path, method: str, device, world_size: int = 1) -> str:
     """The line a run prints on stdout before its first epoch: where it writes, what it trains, the key settings."""
     reg = {k: cfg.regularizer[k] for k in KEY_SETTINGS if cfg.regularizer.get(k) is not None}
     settings = " ".join(f"{k}={v}" for k, v in reg.items())
-    return (f"run {run_dir}: {cfg.get('label') or method} on {cfg.dataset.name} / {model_name(cfg)}, "
+    model = model_label(cfg.model.name, cfg.model.get("width"))
+    return (f"run {run_dir}: {cfg.get('label') or method} on {cfg.dataset.name} / {model}, "
             f"{cfg.trainer.epochs} epochs, batch {cfg.trainer.batch_size}, lr {cfg.optimizer.get('lr')}, "
             f"seed {cfg.seed}, {device}{f' x{world_size}' if world_size > 1 else ''}"
             + (f"; {settings}" if settings else ""))
