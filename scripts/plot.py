@@ -192,9 +192,10 @@ def _series_curve(ax, rows: pd.DataFrame, x: str, scale_x: float, styles: Styles
                 label=series)
     for i, (_, row) in enumerate(rows.iterrows()):
         style = styles(method, row["setting"])
-        if series != method:  # its own series: one marker of its own, its own legend entry
+        if series != method:  # its own series: one marker of its own
             style = {**style, "marker": "x" if row["on_target"] else "o"}
-        label = series if series != method and i == 0 else (method if not len(on) and i == 0 else None)
+        # the legend entry: the curve's, else (a lambda sweep, a method with no row on target) the first marker's
+        label = series if i == 0 and (series != method or not len(on)) else None
         _points(ax, scale_x * row[f"{x}_mean"], 100 * row["final_test_acc_mean"],
                 scale_x * np.nan_to_num(row[f"{x}_std"]) if xerr else None,
                 100 * np.nan_to_num(row["final_test_acc_std"]), style, bool(row["on_target"]), label)
@@ -418,7 +419,7 @@ def layer_widths(run_dir, title: str = "") -> Figure | None:
     ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize="small")
     ax.set(title=f"Per-layer width before / after compaction\n{title}", xlabel="layer",
            ylabel="width (channels / units)")
-    ax.legend(loc="upper right", frameon=False)
+    _legend_below(fig)
     return fig
 
 
