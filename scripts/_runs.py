@@ -57,6 +57,7 @@ KEYS = ["dataset", "model", "method", "setting"]
 # (regularizer.k as a fraction in (0, 1); GBLR: regularizer.target_width). on_target = neither.
 COLLAPSE_FACTOR = 2.0
 TARGET_TOLERANCE = 0.05
+PLACE_TOLERANCE = 0.125  # a run without a target is shown at the target nearest its kept fraction within this
 CLASSES = {"digits": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}  # runs from before num_classes
 NOT_SETTING = ("seed", "name", "method", "resume", "paths.", "logger.", "hydra.", "dataset.name", "model.name",
                "trainer.device", "trainer.progress", "trainer.num_workers")

@@ -36,7 +36,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
-from _runs import DEFAULT_OUT, KEYS, add_output_arguments, aggregate, load_metrics, output_folder, parse_runs
+from _runs import (DEFAULT_OUT, KEYS, PLACE_TOLERANCE, add_output_arguments, aggregate, load_metrics,
+                   output_folder, parse_runs)
 
 SPEEDUPS = {"speedup_cpu_b1": "PyTorch CPU, batch 1", "speedup_cpu_b64": "PyTorch CPU, batch 64",
             "speedup_ort_cpu_b1": "ONNX Runtime CPU, batch 1", "speedup_ort_cpu_b64": "ONNX Runtime CPU, batch 64",
@@ -49,7 +50,6 @@ SINGLE, DOUBLE, ROW, DPI = 3.5, 7.0, 2.2, 300  # inches: one / two paper columns
 PAPER = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "figure.titlesize": 8, "legend.fontsize": 6.5,
          "xtick.labelsize": 6.5, "ytick.labelsize": 6.5, "lines.linewidth": 1.0, "lines.markersize": 4,
          "errorbar.capsize": 2}
-PLACE_TOLERANCE = 0.125  # a lambda-only run is drawn at the target nearest its kept fraction within this
 MISSED = "hollow: did not reach its target"
 NO_TARGET = -1.0  # the panel column of runs without a (placed) target
 
