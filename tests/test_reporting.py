@@ -44,7 +44,7 @@ def metrics_rows(epochs, sparsity, final_acc, lam=None):
     prox_zeroed_groups: the prox zeroes 2 groups per epoch)."""
     rows = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "val_loss": 1 / e, "val_acc": 0.5 + e / 100,
              "test_acc": final_acc if e == epochs else 0.5, "lr": 0.05, "weight_sparsity": sparsity * e / epochs / 2,
-             "time": 0.1, "group_sparsity": sparsity * e / epochs, "nonzero_groups": 20 * (1 - sparsity * e / epochs),
+             "time_s": 0.1, "group_sparsity": sparsity * e / epochs, "nonzero_groups": 20 * (1 - sparsity * e / epochs),
              "k": 5, "penalty": 0.1} for e in range(1, epochs + 1)]
     if lam is not None:
         for r in rows:
