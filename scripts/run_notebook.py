@@ -32,6 +32,8 @@ def folders(parser, environ) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None, environ=os.environ) -> Path:
+    """`environ`: where WGSEF_RUNS and WGSEF_RESULTS are read from; the kernel gets this process's environment
+    with both set to their absolute paths."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, default=ROOT / "notebooks" / "executed" / NOTEBOOK.name,
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None, environ=os.environ) -> Path:
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     failed = None
     try:
-        client.execute(env={**environ, **{name: str(path) for name, path in paths.items()}})
+        client.execute(env={**os.environ, **{name: str(path) for name, path in paths.items()}})
     except CellExecutionError as e:
         failed = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     out.parent.mkdir(parents=True, exist_ok=True)
