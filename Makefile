@@ -53,8 +53,8 @@ demo: $(STAMP) ## the main job, offline: every method on digits (VGG16 x0.25) at
 	$(PY) scripts/readme_table.py results/demo_at_k.md README.md demo-at-k
 
 .PHONY: notebook
-notebook: $(STAMP) ## execute notebooks/analysis.ipynb in place (nbclient): tables of results/, figures of runs/ (WGSEF_RUNS=...)
-	.venv/bin/jupyter-execute --inplace --timeout=600 notebooks/analysis.ipynb
+notebook: $(STAMP) ## execute notebooks/analysis.ipynb into notebooks/executed/ (INPLACE=1: into the tracked file); WGSEF_RUNS=... from the repo root
+	$(PY) scripts/run_notebook.py $(if $(filter 1,$(INPLACE)),--inplace)
 
 readme-table: $(STAMP) ## copy results/demo_at_k.md into README.md and results/demo.md into docs/results.md (make demo does this)
 	$(PY) scripts/readme_table.py results/demo.md docs/results.md

@@ -1,9 +1,10 @@
 """Shared loading and aggregation for the reporting scripts (make_table, plot, wandb_to_csv, the notebook).
 
-A run becomes one flat *record* (dict): identity (dataset, model, method, seed, setting), status and error,
-and the reported numbers, NaN when a run does not have them. Records come from run directories
-(`load_runs`) or from wandb runs (`wandb_to_csv.record_from_wandb`), both through `make_record`; the
-table (`aggregate`, `write_table`) and the figures only read records.
+A run becomes one flat *record* (dict): identity (dataset, model with its width, method, seed, setting,
+series), status and error, the reported numbers (NaN when a run does not have them), and whether it reached
+its target (`collapsed`, `on_target`: see `reached`). Records come from run directories (`load_runs`) or
+from wandb runs (`wandb_to_csv.record_from_wandb`), both through `make_record`; the table (`aggregate`,
+`write_table`) and the figures only read records. docs/metrics.md defines every column.
 """
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+
+def repo_path(value: str | None, default: str) -> Path:
+    """A folder given by the user (an environment variable such as WGSEF_RUNS, or `default` when unset):
+    as given when absolute, else relative to the repository root, wherever the caller runs."""
+    path = Path(value or default).expanduser()
+    return path if path.is_absolute() else ROOT / path
+
 
 # Reported numbers, record column -> key in summary.json (looked up in summary["final"] first, then at
 # the top level, so the flat summary of a wandb run works too). Accuracies and sparsities are fractions.
@@ -36,9 +47,18 @@ METRICS = {
     "speedup_ort_cpu_b64": "speedup_ort_cpu_b64",
     "latency_ms_cpu_b64": "latency_ms_cpu_b64_compact",  # the final (compacted) model's own latency
     "latency_ms_ort_cpu_b64": "latency_ms_ort_cpu_b64_compact",
+    "mean_width": "mean_width",  # GBLR: mean width of its layers (fraction of full rank)
 }
 KEYS = ["dataset", "model", "method", "setting"]
 # Config entries that never define a different experiment: they are not part of a run's `setting`.
+# Reached its target or not (docs/metrics.md, "on_target"): a run is *collapsed* when its final test accuracy
+# is at most COLLAPSE_FACTOR x chance (1 / classes); it is *off target* when its kept fraction (1 - group
+# sparsity; GBLR: mean width) is farther than TARGET_TOLERANCE from the target its config sets
+# (regularizer.k as a fraction in (0, 1); GBLR: regularizer.target_width). on_target = neither.
+COLLAPSE_FACTOR = 2.0
+TARGET_TOLERANCE = 0.05
+PLACE_TOLERANCE = 0.125  # a run without a target is shown at the target nearest its kept fraction within this
+CLASSES = {"digits": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}  # runs from before num_classes
 NOT_SETTING = ("seed", "name", "method", "resume", "paths.", "logger.", "hydra.", "dataset.name", "model.name",
                "trainer.device", "trainer.progress", "trainer.num_workers")
 
@@ -72,11 +92,33 @@ def _onnx_notes(get) -> str:
     return "; ".join(n for n in notes if n)
 
 
+def target_kept(cfg: dict) -> float:
+    """The kept fraction a run's config aims at: regularizer.k when a fraction in (0, 1), GBLR's
+    regularizer.target_width; NaN for a method without one (dense, lambda-only methods, k as a count)."""
+    k = _number(cfg.get("regularizer.k"))
+    if 0 < k < 1:
+        return k
+    return _number(cfg.get("regularizer.target_width"))
+
+
+def reached(record: dict) -> dict:
+    """kept, target_kept, collapsed and on_target of one record (the definitions above)."""
+    gblr = not math.isnan(record["mean_width"])
+    kept = record["mean_width"] if gblr else 1 - record["group_sparsity"]
+    target = target_kept(record["config"])
+    classes = _number(record.get("num_classes"))
+    collapsed = bool(record["final_test_acc"] <= COLLAPSE_FACTOR / classes)  # False when either is NaN
+    off = bool(abs(kept - target) > TARGET_TOLERANCE)  # False without a target or a kept fraction
+    return {"kept": kept, "target_kept": target, "collapsed": collapsed, "on_target": not (collapsed or off)}
+
+
 def make_record(run: str, config: dict, summary: dict | None, incomplete_reason: str = "",
                 method: str = "") -> dict:
     """One run as a flat record. `summary` is summary.json's content (or a wandb run's flat summary);
     None means the run never finished writing one. `method` names the method when the summary does not
     (a member that failed before training)."""
+    from wgsef.run import model_label
+
     summary = summary or {}
     final, cfg = summary.get("final") or {}, flatten(config)
 
@@ -89,17 +131,18 @@ def make_record(run: str, config: dict, summary: dict | None, incomplete_reason:
     record = {
         "run": run, "status": status, "error": error or "",
         "dataset": summary.get("dataset") or cfg.get("dataset.name") or "?",
-        "model": summary.get("model") or cfg.get("model.name") or "?",
+        "model": model_label(summary.get("model") or cfg.get("model.name") or "?", cfg.get("model.width")),
         "method": summary.get("method") or method or cfg.get("method") or "?",
         "seed": summary.get("seed", cfg.get("seed")),
         **{col: _number(get(key)) for col, key in METRICS.items()},
+        "num_classes": summary.get("num_classes") or CLASSES.get(summary.get("dataset") or cfg.get("dataset.name")),
         "flops_only": ", ".join(get("flops_only") or []),
         "onnx": _onnx_notes(get),
         "config": cfg,
     }
     if best is None:  # older summaries: only best_val {epoch, val_acc, test_acc}
         record["test_acc"] = _number((summary.get("best_val") or {}).get("test_acc"))
-    return record
+    return {**record, **reached(record)}
 
 
 def find_run_dirs(paths) -> list[Path]:
@@ -191,22 +234,60 @@ def load_runs(paths) -> pd.DataFrame:
     return records_frame([load_run(d) for d in dirs])
 
 
+def add_series(records: pd.DataFrame) -> pd.DataFrame:
+    """Fill `series`: the method's name, except for a lambda characterisation (runs of a method whose k varies,
+    at a lambda other than its main one: the lambda found at the most values of k, then in the most runs),
+    which is `<method> lambda sweep (k=...)` and is drawn as its own series, not on the method's k curve."""
+    records = records.copy()
+    records["series"] = records["method"].astype(str)
+    lam = records["config"].map(lambda c: str(c.get("regularizer.lam")))
+    k = records["config"].map(lambda c: str(c.get("regularizer.k")))
+    for _, idx in records.groupby(KEYS[:3]).groups.items():
+        if k[idx].nunique() < 2 or lam[idx].nunique() < 2:
+            continue
+        spread = pd.DataFrame({"lam": lam[idx], "k": k[idx]}).groupby("lam")["k"].agg(["nunique", "size"])
+        main = spread.sort_values(["nunique", "size"], ascending=False).index[0]
+        for i in idx:
+            if lam[i] != main:
+                records.at[i, "series"] = f"{records.at[i, 'method']} lambda sweep (k={k[i]})"
+    return records
+
+
 def records_frame(records: list[dict]) -> pd.DataFrame:
-    return add_settings(pd.DataFrame(records))
+    return add_series(add_settings(pd.DataFrame(records)))
+
+
+def target_note(rows: pd.DataFrame) -> str:
+    """Why the runs of one table row did not all reach their target; "" when they did."""
+    n, notes = len(rows), []
+    if rows["collapsed"].any():
+        notes.append(f"collapsed in {rows['collapsed'].sum()} of {n} runs (final test acc <= "
+                     f"{COLLAPSE_FACTOR:g} x chance)")
+    off = rows[~rows["on_target"] & ~rows["collapsed"]]
+    if not off.empty:
+        notes.append(f"kept {off['kept'].mean():.2f} against a target of {off['target_kept'].iloc[0]:g} in "
+                     f"{len(off)} of {n} runs (tolerance {TARGET_TOLERANCE:g})")
+    return "; ".join(notes)
 
 
 def aggregate(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, model, method, setting) over the completed runs: n_runs, n_seeds (distinct
-    seeds), mean and sample std (ddof=1; NaN for one run) of every metric, and the flops_only structures."""
+    """One row per (dataset, model, method, setting) over the completed runs: its series, n_runs, n_seeds
+    (distinct seeds), mean and sample std (ddof=1; NaN for one run) of every metric and of the kept fraction,
+    the target, on_target (every run on target) with a target_note saying why not, and the flops_only
+    structures."""
     done = records[records["status"] == "completed"]
     notes = ["flops_only", "onnx"]
-    columns = [*KEYS, "n_runs", "n_seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), *notes]
+    stat_cols = [*METRICS, "kept"]
+    columns = [*KEYS, "series", "n_runs", "n_seeds", *(f"{m}_{s}" for m in stat_cols for s in ("mean", "std")),
+               "target_kept", "on_target", "target_note", *notes]
     if done.empty:
         return pd.DataFrame(columns=columns)
     groups = done.groupby(KEYS, sort=True)
-    table = groups.agg(n_runs=("run", "size"), n_seeds=("seed", "nunique"))
-    stats = groups[list(METRICS)].agg(["mean", "std"])
+    table = groups.agg(series=("series", "first"), n_runs=("run", "size"), n_seeds=("seed", "nunique"),
+                       target_kept=("target_kept", "first"), on_target=("on_target", "all"))
+    stats = groups[stat_cols].agg(["mean", "std"])
     stats.columns = [f"{m}_{s}" for m, s in stats.columns]
+    table["target_note"] = groups[["collapsed", "on_target", "kept", "target_kept"]].apply(target_note)
     distinct = groups[notes].agg(lambda s: ", ".join(sorted({x for v in s for x in v.split(", ") if x})))
     return table.join(stats).join(distinct).reset_index()[columns]
 
@@ -217,6 +298,29 @@ def problems(records: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- writing -------------------------------------------------------------------------------------------
+DEFAULT_OUT = Path("reports")  # not tracked; the committed results/ only from the make targets (explicit --out)
+
+
+def add_output_arguments(parser, default: Path) -> None:
+    parser.add_argument("--out", default=None,
+                        help=f"output folder (default: {default}, which refuses to replace files without --force; "
+                             "an explicit --out replaces the files it names)")
+    parser.add_argument("--force", action="store_true", help="replace files already in the default folder")
+
+
+def output_folder(parser, args, default: Path, names: list[str]) -> Path:
+    """The folder to write `names` into: --out as given (its files are replaced: the user named it), else
+    `default`, where existing files are kept unless --force: one line naming them, exit code 2, nothing
+    written."""
+    if args.out is not None:
+        return Path(args.out)
+    existing = [default / n for n in names if (default / n).exists()]
+    if existing and not args.force:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        parser.exit(2, f"error: {existing[0]}{more} already exist(s); pass --force to replace them, or --out DIR\n")
+    return default
+
+
 def parse_runs(parser, script: str, argv: list[str] | None = None):
     """Parse a report script's arguments (plus the run `paths`) and load the runs; no run found is a
     one-line error with exit code 2. Returns (args, records, the command line for output headers)."""
@@ -248,9 +352,10 @@ MD_COLUMNS = {  # metric -> (header, format of a value); shown as mean ± std ov
         ("speedup_ort_cpu_b64", "ONNX Runtime CPU speedup b64")]},
     "latency_ms_cpu_b64": ("CPU latency b64 (ms)", lambda x: f"{x:.2f}"),
     "latency_ms_ort_cpu_b64": ("ONNX Runtime CPU latency b64 (ms)", lambda x: f"{x:.2f}"),
+    "mean_width": ("GBLR mean width", lambda x: f"{x:.3f}"),
 }
 ONLY_WHEN_PRESENT = ("speedup_cuda_b1", "speedup_cuda_b64", "speedup_ort_cpu_b1", "speedup_ort_cpu_b64",
-                     "latency_ms_cpu_b64", "latency_ms_ort_cpu_b64")
+                     "latency_ms_cpu_b64", "latency_ms_ort_cpu_b64", "mean_width")
 
 
 def _mean_std(row, metric: str, fmt) -> str:
@@ -280,6 +385,11 @@ def markdown(table: pd.DataFrame, bad: pd.DataFrame, command: str) -> str:
     for _, row in dup.iterrows():
         lines += ["", f"Note: {row['method']} {row['setting']} has {row['n_runs']} runs but only "
                       f"{row['n_seeds']} distinct seeds."]
+    off = table[~table["on_target"].astype(bool)]
+    if not off.empty:
+        lines += ["", "Did not reach the target (hollow markers in the figures, not joined into curves; "
+                      "docs/metrics.md defines on_target):", ""]
+        lines += [f"- {_cell(r.method)} {_cell(r.setting) or '-'}: {_cell(r.target_note)}" for r in off.itertuples()]
     onnx = table[table["onnx"].astype(bool)]
     if not onnx.empty:
         lines += ["", "ONNX export and onnxruntime latency:", ""]

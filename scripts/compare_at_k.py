@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from _runs import MD_COLUMNS, _mean_std, command_line
+from _runs import MD_COLUMNS, PLACE_TOLERANCE, _mean_std, command_line
 
 NOT_COMPARED = {"dense", "ssl", "srste", "gblr"}
 K_SETTING = re.compile(r"(?:^|, )k=([0-9.]+)")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("table", help="a CSV written by scripts/make_table.py")
     parser.add_argument("--out", required=True, help="markdown file to write")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    parser.add_argument("--tolerance", type=float, default=0.125, help="largest |kept - target| shown")
+    parser.add_argument("--tolerance", type=float, default=PLACE_TOLERANCE, help="largest |kept - target| shown")
     args = parser.parse_args(argv)
     try:
         table = pd.read_csv(args.table, comment="#", keep_default_na=True)

@@ -1,6 +1,9 @@
-"""Aggregate run directories into results/<name>.csv and results/<name>.md (mean ± std over seeds).
+"""Aggregate run directories into <out>/<name>.csv and <out>/<name>.md (mean ± std over seeds).
 
-    python scripts/make_table.py runs/multirun/table1 runs/demo --name table1 [--out results]
+    python scripts/make_table.py runs/multirun/table1 runs/demo --name table1 [--out DIR | --force]
+
+By default it writes into reports/ (not tracked) and refuses to replace a file there without --force; the
+committed results/ is written only by the make targets, which pass --out results.
 
 Every run directory found under the given paths is one record; completed runs are grouped by (dataset,
 model, method, setting), where the setting is whatever config differs inside a (dataset, model, method)
@@ -9,17 +12,17 @@ besides the seed (a lambda or k sweep). Failed, diverged and incomplete runs are
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from _runs import parse_runs, write_table
+from _runs import DEFAULT_OUT, add_output_arguments, output_folder, parse_runs, write_table
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="table name: writes <out>/<name>.csv and .md")
-    parser.add_argument("--out", default="results", help="output folder (default: results)")
+    add_output_arguments(parser, DEFAULT_OUT)
     args, records, command = parse_runs(parser, "scripts/make_table.py", argv)
-    for path in write_table(records, Path(args.out) / args.name, command):
+    out = output_folder(parser, args, DEFAULT_OUT, [f"{args.name}.csv", f"{args.name}.md"])
+    for path in write_table(records, out / args.name, command):
         print(f"wrote {path}")
     bad = (records["status"] != "completed").sum()
     print(f"{len(records)} runs, {bad} not completed (listed in the .md)"

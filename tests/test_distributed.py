@@ -23,4 +23,7 @@ def test_ddp_gloo_ranks_identical(tmp_path):
     assert summary["ddp_max_param_spread"] == 0.0  # final weights identical on both ranks
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert list(metrics.epoch) == [1, 2, 3]  # one writer: rank 0
+    lines = r.stdout.strip().splitlines()  # one printer too: a start line, 3 epoch lines, the summary line
+    assert [line.split(" ", 1)[0] for line in lines] == ["run", "epoch", "epoch", "epoch", "completed:"], lines
+    assert lines[0].endswith("cpu x2; lam=0.02 scheme=filter")
     assert metrics.group_sparsity.iloc[-1] > 0  # the half-space stage zeroed groups, identically everywhere

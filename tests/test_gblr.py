@@ -581,7 +581,7 @@ def test_resume_matches_uninterrupted(full_and_resumed):
 
     full_dir, cut_dir = full_and_resumed("method=gblr", "trainer.progress=false", "measure.enabled=false",
                                          "trainer.epochs=3", "regularizer.lam=0.05", "regularizer.warmup_epochs=1")
-    full, cut = (pd.read_csv(d / "metrics.csv").drop(columns="time") for d in (full_dir, cut_dir))
+    full, cut = (pd.read_csv(d / "metrics.csv").drop(columns="time_s") for d in (full_dir, cut_dir))
     pd.testing.assert_frame_equal(full, cut)
     a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=False) for d in (full_dir, cut_dir))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -11,7 +11,6 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -23,8 +22,8 @@ from wandb_to_csv import record_from_wandb  # noqa: E402
 
 # (method, lam, seed) -> (best-val test acc, final test acc, group sparsity)
 COMPLETED = {
-    ("wgsef", 1e-3, 0): (0.90, 0.89, 0.40), ("wgsef", 1e-3, 1): (0.92, 0.90, 0.50),
-    ("wgsef", 1e-3, 2): (0.94, 0.93, 0.60),
+    ("wgsef", 1e-3, 0): (0.90, 0.89, 0.48), ("wgsef", 1e-3, 1): (0.92, 0.90, 0.50),
+    ("wgsef", 1e-3, 2): (0.94, 0.93, 0.52),
     ("wgsef", 1e-2, 0): (0.80, 0.80, 0.80), ("wgsef", 1e-2, 1): (0.84, 0.82, 0.70),
     ("group_lasso", 1e-3, 0): (0.91, 0.91, 0.30), ("group_lasso", 1e-3, 1): (0.93, 0.92, 0.20),
 }
@@ -36,7 +35,8 @@ def config(method, lam, seed, epochs=3):
             "paths": {"data_dir": "data", "runs_dir": "runs"},
             "dataset": {"_target_": "wgsef.data.build_loaders", "name": "digits", "image_size": 16},
             "model": {"_target_": "wgsef.models.build", "name": "lenet5"},
-            "regularizer": {"_target_": "wgsef.regularizers.x.X", "lam": lam, "k": 0.5, "layers": None, "block": [2, 2]}}
+            "regularizer": {"_target_": "wgsef.regularizers.x.X", "lam": lam, "layers": None, "block": [2, 2],
+                            **({"k": 0.5} if method == "wgsef" else {})}}
 
 
 def metrics_rows(epochs, sparsity, final_acc, lam=None):
@@ -44,7 +44,7 @@ def metrics_rows(epochs, sparsity, final_acc, lam=None):
     prox_zeroed_groups: the prox zeroes 2 groups per epoch)."""
     rows = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "val_loss": 1 / e, "val_acc": 0.5 + e / 100,
              "test_acc": final_acc if e == epochs else 0.5, "lr": 0.05, "weight_sparsity": sparsity * e / epochs / 2,
-             "time": 0.1, "group_sparsity": sparsity * e / epochs, "nonzero_groups": 20 * (1 - sparsity * e / epochs),
+             "time_s": 0.1, "group_sparsity": sparsity * e / epochs, "nonzero_groups": 20 * (1 - sparsity * e / epochs),
              "k": 5, "penalty": 0.1} for e in range(1, epochs + 1)]
     if lam is not None:
         for r in rows:
@@ -155,8 +155,11 @@ def test_table_header_and_failures_listed(table, runs):
     assert csv_first.startswith("# command: python scripts/make_table.py ")
     assert first.startswith("<!-- command: python scripts/make_table.py ") and first.endswith("-->")
     assert "--name t1" in first and str(runs) in first
-    # wgsef lam=1e-3: test acc 0.90, 0.92, 0.94; FLOPs reduction 1.8, 2, 2.2
-    assert "| 92.00 ± 2.00 |" in md and "| 2.00 ± 0.20 |" in md
+    # wgsef lam=1e-3: test acc 0.90, 0.92, 0.94; FLOPs reduction 1.96, 2, 2.04
+    assert "| 92.00 ± 2.00 |" in md and "| 2.00 ± 0.04 |" in md
+    # wgsef lam=1e-2 keeps 0.2 and 0.3 of its groups where k = 0.5 asks for 0.5
+    assert "- wgsef lam=0.01: kept 0.25 against a target of 0.5 in 2 of 2 runs (tolerance 0.05)" in md
+    assert md.count("\n- wgsef") == 1  # the only row that missed its target
     assert "| 96.00 |" in md  # one seed: no ± std
     assert "GPU speedup" not in md  # no run measured on a GPU
     assert "| ONNX Runtime CPU speedup b64 (×) |" in md and "| ONNX Runtime CPU latency b64 (ms) |" in md
@@ -191,11 +194,37 @@ FIGURES = ["acc_vs_sparsity", "acc_vs_flops", "sparsity_over_epochs", "lambda_k"
 
 def test_plot_writes_every_figure(runs, tmp_path, capsys):
     plot.main([str(runs), "--out", str(tmp_path), "--name", "p_"])
-    names = {p.name for p in tmp_path.iterdir()}
-    for stem in [*FIGURES, "widths_digits_lenet5_wgsef_lam=0.001", "widths_digits_lenet5_wgsef_lam=0.01"]:
+    names = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.*")}
+    for stem in [*FIGURES, "widths/p_digits_lenet5_wgsef_lam=0.001", "widths/p_digits_lenet5_wgsef_lam=0.01"]:
         for ext in ("png", "pdf"):
-            assert f"p_{stem}.{ext}" in names and (tmp_path / f"p_{stem}.{ext}").stat().st_size > 1000
+            stem_ = stem if "/" in stem else f"p_{stem}"
+            assert f"{stem_}.{ext}" in names and (tmp_path / f"{stem_}.{ext}").stat().st_size > 1000
     assert len(names) == 14 and "skipped" not in capsys.readouterr().out
+    from PIL import Image
+
+    for stem in FIGURES:  # paper widths at 300 dpi: at most 7 in (cropped to their content, nothing cut off)
+        width, height = Image.open(tmp_path / f"p_{stem}.png").size
+        assert width <= 7 * 300 + 10 and height <= 9 * 300, (stem, width, height)
+
+
+def test_legends_inside_the_image(runs):
+    """Every figure's legend lies inside the figure it is saved with (none cut off at any edge)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    records = _runs.load_runs([runs])
+    for name, fig in plot.figures(records).items():
+        if fig is None:
+            continue
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        box = fig.bbox
+        for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]:
+            extent = legend.get_window_extent(renderer)
+            assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1, name
+            assert box.y0 - 1 <= extent.y0 and extent.y1 <= box.y1 + 1, name
+        axes = [ax.get_window_extent(renderer) for ax in fig.axes if ax.get_visible()]
+        for legend in fig.legends:  # below the axes, not over them
+            assert legend.get_window_extent(renderer).y1 <= min(a.y0 for a in axes), name
 
 
 def test_plot_skips_absent_data(runs, tmp_path, capsys):
@@ -223,12 +252,12 @@ def test_plot_and_table_on_runs_without_a_completed_one(runs, tmp_path, capsys):
 def test_plot_contents(runs):
     records = _runs.load_runs([runs])
     ax = plot.acc_vs_sparsity(_runs.aggregate(records)).axes[0]
-    curves = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar containers
-    x, y = curves["wgsef"].get_data()  # sorted by sparsity: lam=1e-3 (mean 50%) then lam=1e-2 (mean 75%)
-    assert list(x) == pytest.approx([50, 75]) and list(y) == pytest.approx([100 * (0.89 + 0.90 + 0.93) / 3, 81])
-    assert set(curves) == {"wgsef", "group_lasso"}
+    points = {(round(c.lines[0].get_xdata()[0], 6), c.lines[0].get_markerfacecolor() == "none") for c in ax.containers}
+    # wgsef lam=1e-3 (mean 50%) on target; lam=1e-2 (mean 75%, k = 0.5 asks for 50%) hollow; group lasso 25%
+    assert points == {(50, False), (75, True), (25, False)}
     dense = [line for line in ax.get_lines() if line.get_label() == "dense"]
-    assert dense[0].get_ydata()[0] == pytest.approx(95)
+    assert dense[0].get_ydata()[0] == pytest.approx(95) and dense[0].get_marker() == "*"
+    assert dense[0].get_color() == "black"
     fig = plot.speedup_vs_flops(records)
     assert [a.get_title() for a in fig.axes] == ["PyTorch CPU, batch 1", "PyTorch CPU, batch 64",
                                                  "ONNX Runtime CPU, batch 1", "ONNX Runtime CPU, batch 64"]
@@ -236,22 +265,31 @@ def test_plot_contents(runs):
     assert [b.get_height() for b in bars] == [6, 16, 120, 6, 8, 60]
 
 
-def test_figure_styles_one_colour_per_method_one_style_per_setting(runs):
+def test_sparsity_over_epochs_one_line_per_method_seeds_as_a_band(runs):
     records = _runs.load_runs([runs])
     styles = plot.Styles(records)
     fig = plot.sparsity_over_epochs(records, styles)
-    left = fig.axes[0]
-    wgsef = [line for line in left.get_lines() if line.get_color() == styles.colors["wgsef"]]
-    assert len(wgsef) == 7  # 3 seeds at lam=1e-3, 2 at 1e-2, and the diverged and killed runs at lam=1e-3
-    assert len({line.get_linestyle() for line in wgsef}) == 2  # one line style per setting
-    assert len(set(styles.colors.values())) == len(styles.colors) == 3  # wgsef, group_lasso, dense
+    # columns: target 0.5 (wgsef's k), no target (group lasso keeps 0.75: farther than 0.125 from 0.5);
+    # rows: group sparsity, nonzero / k, lambda
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["target kept fraction 0.5", "no target"]
+    sparsity = fig.axes[0]
+    solid = [line for line in sparsity.get_lines() if line.get_linestyle() == "-"]
+    (wgsef,) = solid  # one line for the 3 completed seeds at lam=1e-3 (diverged and killed runs left out)
+    assert wgsef.get_color() == styles.colors["wgsef"]
+    assert list(wgsef.get_ydata()) == pytest.approx([100 * 0.5 * e / 3 for e in (1, 2, 3)])  # mean of 48, 50, 52 %
+    (band,) = sparsity.collections  # min-max over seeds
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(100 * 0.48 / 3) and ys.max() == pytest.approx(100 * 0.52)
+    dotted = [line for line in sparsity.get_lines() if line.get_linestyle() == ":"]
+    assert len(dotted) == 2  # the two lam=1e-2 runs that missed k, each on its own
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert labels.count("wgsef lam=0.001") == 1  # seeds share one legend entry
-    # nonzero groups / k: 20 groups, k_groups 10, sparsity 40% at the end of seed 0 at lam=1e-3 -> 1.2
-    ratio = fig.axes[1]
-    assert ratio.get_yscale() == "log" and any(line.get_ydata()[-1] == pytest.approx(1.2) for line in ratio.get_lines())
-    lam = fig.axes[2]
-    assert {tuple(line.get_ydata()) for line in lam.get_lines()} >= {(1e-3, 2e-3, 3e-3)}
+    assert labels == ["wgsef", "group_lasso", "dotted: a run that missed its target"]
+    assert (styles.colors["wgsef"], styles.colors["group_lasso"], styles.colors["dense"]) == ("C1", "C0", "black")
+    # nonzero groups / k: 20 groups, k_groups 10, sparsity 50% (mean) at the end at lam=1e-3 -> 1
+    ratio = fig.axes[2]
+    assert ratio.get_yscale() == "log" and ratio.get_lines()[0].get_ydata()[-1] == pytest.approx(1.0)
+    lam = fig.axes[4]
+    assert list(lam.get_lines()[0].get_ydata()) == pytest.approx([1e-3, 2e-3, 3e-3])  # lam=1e-3, mean of 3 seeds
 
 
 def test_speedup_and_accuracy_vs_flops_are_log_scaled(runs):
@@ -266,9 +304,9 @@ def test_speedup_and_accuracy_vs_flops_are_log_scaled(runs):
     ax = plot.acc_vs_flops(_runs.aggregate(records)).axes[0]
     assert ax.get_xscale() == "log"
     bars = {round(c.lines[0].get_xdata()[0], 6): c for c in ax.containers}
-    # wgsef lam=1e-3: FLOPs reduction 1 + 2 * sparsity over sparsities 0.4, 0.5, 0.6 -> mean 2.0, std 0.2
+    # wgsef lam=1e-3: FLOPs reduction 1 + 2 * sparsity over sparsities 0.48, 0.5, 0.52 -> mean 2.0, std 0.04
     xerr = bars[2.0].lines[2][0].get_segments()[0]
-    assert [p[0] for p in xerr] == pytest.approx([1.8, 2.2])
+    assert [p[0] for p in xerr] == pytest.approx([1.96, 2.04])
     assert [line.get_label() for line in ax.get_lines() if line.get_label() == "dense"] == ["dense"]
 
 
@@ -319,17 +357,44 @@ def test_record_from_wandb_matches_run_dir():
     assert running["status"] == "incomplete" and "running" in running["error"]
 
 
-def test_notebook_executes(runs, table, monkeypatch):
-    monkeypatch.setenv("WGSEF_RUNS", str(runs))
-    monkeypatch.setenv("WGSEF_RESULTS", str(table))
-    nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
-    NotebookClient(nb, timeout=60, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+def test_notebook_executes_into_a_copy(runs, table, tmp_path, monkeypatch):
+    """`make notebook` (scripts/run_notebook.py): relative WGSEF_RUNS / WGSEF_RESULTS from the repository root
+    whatever the current folder, outputs in a copy, the tracked notebook untouched."""
+    import run_notebook
+
+    tracked = (ROOT / "notebooks" / "analysis.ipynb").read_bytes()
+    monkeypatch.chdir(tmp_path)  # not the repository root: relative paths must not resolve from here
+    env = {"WGSEF_RUNS": str(runs), "WGSEF_RESULTS": str(table)}
+    out = run_notebook.main(["--out", str(tmp_path / "executed.ipynb")], environ=env)
+    assert (ROOT / "notebooks" / "analysis.ipynb").read_bytes() == tracked
+    nb = nbformat.read(out, as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(str(o.get("data", {}).get("text/plain", "")) + o.get("text", "") for o in outputs)
     assert "t1.csv" in str(outputs) and "group_lasso" in text and "CUDA out of memory" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 7  # (a)-(e), two width charts
+
+
+def test_notebook_folders_resolve_from_the_repository_root(tmp_path, monkeypatch, capsys):
+    """A relative WGSEF_RUNS is taken from the repository root, not from the current folder or notebooks/; a
+    missing folder stops `make notebook` with one line and exit code 2 before any kernel starts."""
+    import run_notebook
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # a folder of that name here must not be picked up
+    assert _runs.repo_path("runs/multirun/x", "runs") == ROOT / "runs" / "multirun" / "x"
+    assert _runs.repo_path(None, "results") == ROOT / "results"
+    assert _runs.repo_path(str(tmp_path / "runs"), "runs") == tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        run_notebook.main(["--out", str(tmp_path / "x.ipynb")],
+                          environ={"WGSEF_RUNS": "runs/no-such-sweep", "WGSEF_RESULTS": str(tmp_path)})
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"WGSEF_RUNS=runs/no-such-sweep resolves to {ROOT / 'runs' / 'no-such-sweep'}, which is not a dir" in err
+    with pytest.raises(SystemExit) as e:
+        run_notebook.main([], environ={"WGSEF_RUNS": str(tmp_path), "WGSEF_RESULTS": "nope"})
+    assert e.value.code == 2 and f"WGSEF_RESULTS=nope resolves to {ROOT / 'nope'}" in capsys.readouterr().err
+    assert not (tmp_path / "x.ipynb").exists()  # stopped before executing or writing anything
 
 
 def test_compare_at_k_places_each_method_at_its_kept_fraction(tmp_path):
@@ -353,3 +418,105 @@ def test_compare_at_k_places_each_method_at_its_kept_fraction(tmp_path):
     assert placed == {("wgsef", "k=0.25, lam=0.001"): "0.25", ("magnitude", "k=0.5"): "0.50",
                       ("group_lasso", "lam=0.01"): "0.75"}  # lam=0.1 keeps 0.01: no target within 0.125
     assert "95.00 ± 1.00" in (tmp_path / "t.md").read_text() and "Dense reference" in (tmp_path / "t.md").read_text()
+
+
+def demo_records():
+    """Records as the demo makes them (VGG16 x0.25 on digits, 10 classes): dense; wgsef at k = 0.25/0.5/0.75
+    (lam 1e-3, 2 seeds) plus its lambda characterisation at k = 0.5 (one of them collapsed); group lasso over
+    lambda; HSPG collapsed; GBLR short of its width target."""
+    def rec(method, seed, acc, sparsity=None, lam=None, k=None, **extra):
+        cfg = config(method, lam, seed)
+        cfg["model"]["width"] = 0.25
+        cfg["regularizer"] = {"lam": lam, **({"k": k} if k is not None else {}),
+                              **({"target_width": extra.pop("target_width")} if "target_width" in extra else {})}
+        s = summary(method, seed, acc, acc, sparsity or 0.0, num_classes=10, flops_reduction=1 / (1 - (sparsity or 0)))
+        s["final"] = {"test_acc": acc, **({"group_sparsity": sparsity} if sparsity is not None else {}), **extra}
+        s["model"] = "vgg16"
+        return _runs.make_record(f"r/{method}/{lam}/{k}/{seed}", cfg, s)
+    records = [rec("dense", s, 0.97) for s in (0, 1)]
+    records += [rec("wgsef", s, 0.96 - k / 10, 1 - k, 1e-3, k) for k in (0.25, 0.5, 0.75) for s in (0, 1)]
+    records += [rec("wgsef", 0, acc, 0.5, lam, 0.5) for lam, acc in ((1e-1, 0.9), (1.0, 0.15))]
+    records += [rec("group_lasso", s, 0.93, sp, lam) for lam, sp in ((1e-2, 0.3), (2e-2, 0.5)) for s in (0, 1)]
+    records += [rec("hspg", s, acc, 0.9, 5e-3) for s, acc in ((0, 0.197), (1, 0.5))]
+    records += [rec("gblr", 0, 0.9, None, 0.1, target_width=0.25, mean_width=0.46)]
+    return _runs.records_frame(records)
+
+
+def test_on_target_collapsed_and_off_target():
+    """collapsed: final test acc <= 2 x chance (0.2 with 10 classes); off target: kept fraction (1 - group
+    sparsity; GBLR: mean width) farther than 0.05 from the config's target (k; GBLR: target_width)."""
+    records = demo_records()
+    got = {(r.method, str(r.config["regularizer.lam"]), r.seed): (r.collapsed, r.on_target)
+           for r in records.itertuples()}
+    assert got["wgsef", "1.0", 0] == (True, False)  # 15 %: collapsed
+    assert got["wgsef", "0.1", 0] == (False, True) and got["wgsef", "0.001", 1] == (False, True)
+    assert got["hspg", "0.005", 0] == (True, False) and got["hspg", "0.005", 1] == (False, True)  # 19.7 %, 50 %
+    assert got["group_lasso", "0.02", 0] == (False, True)  # no target in its config: on target unless collapsed
+    assert got["dense", "None", 0] == (False, True)
+    gblr = records[records["method"] == "gblr"].iloc[0]
+    assert (gblr["kept"], gblr["target_kept"], gblr["on_target"]) == (0.46, 0.25, False)
+    run = {"mean_width": math.nan, "group_sparsity": 0.45, "config": {"regularizer.k": 0.5}, "num_classes": 100,
+           "final_test_acc": 0.02}
+    assert _runs.reached(run) == {"kept": 0.55, "target_kept": 0.5, "collapsed": True, "on_target": False}
+    edge = _runs.reached({**run, "group_sparsity": 0.46, "final_test_acc": 0.021})  # 2.1 % > 2 x 1 %
+    assert (edge["collapsed"], edge["on_target"]) == (False, True)  # kept 0.54: within 0.05 of 0.5
+    assert not _runs.reached({**run, "group_sparsity": 0.44, "final_test_acc": 0.5})["on_target"]  # kept 0.56
+
+    table = _runs.aggregate(records).set_index(["method", "setting"])
+    assert set(table["model"]) == {"vgg16 x0.25"}
+    assert not table.loc[("hspg", ""), "on_target"]
+    assert table.loc[("hspg", ""), "target_note"] == "collapsed in 1 of 2 runs (final test acc <= 2 x chance)"
+    assert table.loc[("gblr", ""), "target_note"] == ("kept 0.46 against a target of 0.25 in 1 of 1 runs "
+                                                      "(tolerance 0.05)")
+    assert table["on_target"].sum() == len(table) - 3  # hspg, gblr and wgsef at lam = 1
+
+
+def test_lambda_characterisation_is_its_own_series():
+    records = demo_records()
+    series = dict(zip(zip(records["method"], records["setting"]), records["series"]))
+    assert series["wgsef", "k=0.25, lam=0.001"] == series["wgsef", "k=0.5, lam=0.001"] == "wgsef"
+    assert series["wgsef", "k=0.5, lam=0.1"] == series["wgsef", "k=0.5, lam=1.0"] == "wgsef lambda sweep (k=0.5)"
+    assert set(records.loc[records["method"] == "group_lasso", "series"]) == {"group_lasso"}  # lambda is its axis
+    ax = plot.acc_vs_sparsity(_runs.aggregate(records)).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    # wgsef's k curve: k = 0.75, 0.5, 0.25 (sparsity 25, 50, 75 %); the lambda sweep is not joined into it
+    assert list(lines["wgsef"].get_xdata()) == pytest.approx([25, 50, 75])
+    assert list(lines["wgsef"].get_ydata()) == pytest.approx([100 * (0.96 - k / 10) for k in (0.75, 0.5, 0.25)])
+    sweep = [c for c in ax.containers if c.get_label() == "wgsef lambda sweep (k=0.5)"]
+    assert len(sweep) == 1 and sweep[0].lines[0].get_linestyle() == "None"  # markers only
+    hollow = sorted(round(c.lines[0].get_ydata()[0], 6) for c in ax.containers
+                    if c.lines[0].get_markerfacecolor() == "none")
+    assert hollow == [15, round(100 * (0.197 + 0.5) / 2, 6)]  # wgsef at lam = 1, HSPG: marked, in no curve
+    assert "hspg" not in lines  # its only row missed: no curve
+    dense = [line for line in ax.get_lines() if line.get_label() == "dense"]
+    assert dense[0].get_color() == "black" and dense[0].get_marker() == "*"
+
+
+def test_default_output_folder_keeps_existing_files(runs, tmp_path, monkeypatch, capsys):
+    """Without --out: reports/ (never results/), and a second run refuses to replace its files (one line,
+    exit 2, nothing written) unless --force; an explicit --out replaces what it names."""
+    monkeypatch.chdir(tmp_path)
+    make_table.main([str(runs), "--name", "t"])
+    assert (tmp_path / "reports" / "t.csv").exists() and (tmp_path / "reports" / "t.md").exists()
+    (tmp_path / "reports" / "t.md").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        make_table.main([str(runs), "--name", "t"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "reports/t.csv and 1 more already exist" in err
+    assert (tmp_path / "reports" / "t.md").read_text() == "mine"
+    make_table.main([str(runs), "--name", "t", "--force"])
+    assert (tmp_path / "reports" / "t.md").read_text() != "mine"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "t.md").write_text("mine")
+    make_table.main([str(runs), "--name", "t", "--out", "mine"])
+    assert (tmp_path / "mine" / "t.md").read_text().startswith("<!-- command:")
+
+    plot.main([str(runs / "multirun")])
+    assert (tmp_path / "reports" / "figures" / "acc_vs_sparsity.png").exists()
+    assert (tmp_path / "reports" / "figures" / "widths").is_dir()
+    before = (tmp_path / "reports" / "figures" / "acc_vs_sparsity.png").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(runs / "multirun")])
+    assert e.value.code == 2 and "--force" in capsys.readouterr().err
+    assert (tmp_path / "reports" / "figures" / "acc_vs_sparsity.png").stat().st_mtime_ns == before
+    assert not (tmp_path / "results").exists()

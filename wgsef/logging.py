@@ -2,13 +2,28 @@
 
 `log(row)` takes one epoch's metrics, `summary(d)` the final ones, `finish()` closes the sink (one
 wandb.finish() per job, so multirun works). Rows are rewritten from the checkpoint's history on resume,
-so metrics.csv never holds an epoch twice.
+so metrics.csv never holds an epoch twice. `epoch_line` is the line per epoch a run prints on stdout
+(docs/metrics.md defines every column).
 """
 from __future__ import annotations
 
 import csv
 import os
 from pathlib import Path
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """One epoch's progress line, from values already computed at the epoch's end (no device reads):
+    epoch/epochs, training loss, validation accuracy, group sparsity and nonzero groups / k where the method
+    logs them, the epoch's wall time."""
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}", f"val acc {100 * row['val_acc']:.2f}%"]
+    if "group_sparsity" in row:
+        parts.append(f"group sparsity {100 * row['group_sparsity']:.1f}%")
+    if "nonzero_groups" in row and row.get("k_groups"):
+        parts.append(f"nonzero/k {row['nonzero_groups']}/{row['k_groups']}")
+    if "mean_width" in row:  # GBLR
+        parts.append(f"mean width {row['mean_width']:.3f}")
+    return "  ".join([*parts, f"{row['time_s']:.1f}s"])
 
 
 class NullLogger:

@@ -86,6 +86,31 @@ def instantiate(node, *args, **kwargs):
         raise
 
 
+KEY_SETTINGS = ("lam", "lams", "k", "n", "m", "scheme", "scope", "finish", "finish_epoch", "target_width", "ratio",
+                "threshold")  # the regularizer's entries a start line shows (those it has)
+
+
+def model_label(name: str, width=None) -> str:
+    """The model with its channel multiplier when not 1: `vgg16 x0.25` (start lines, and the tables'
+    model column through scripts/_runs.py)."""
+    try:
+        width = float(width)
+    except (TypeError, ValueError):
+        return name
+    return name if width == 1 else f"{name} x{width:g}"
+
+
+def start_line(cfg, run_dir: Path, method: str, device, world_size: int = 1) -> str:
+    """The line a run prints on stdout before its first epoch: where it writes, what it trains, the key settings."""
+    reg = {k: cfg.regularizer[k] for k in KEY_SETTINGS if cfg.regularizer.get(k) is not None}
+    settings = " ".join(f"{k}={v}" for k, v in reg.items())
+    model = model_label(cfg.model.name, cfg.model.get("width"))
+    return (f"run {run_dir}: {cfg.get('label') or method} on {cfg.dataset.name} / {model}, "
+            f"{cfg.trainer.epochs} epochs, batch {cfg.trainer.batch_size}, lr {cfg.optimizer.get('lr')}, "
+            f"seed {cfg.seed}, {device}{f' x{world_size}' if world_size > 1 else ''}"
+            + (f"; {settings}" if settings else ""))
+
+
 def show_progress(setting) -> bool:
     """trainer.progress: true | false | auto (a tqdm bar only when stdout and stderr are terminals)."""
     return sys.stdout.isatty() and sys.stderr.isatty() if setting == "auto" else bool(setting)
@@ -193,6 +218,7 @@ def run(cfg, run_dir: str | Path, method: str = "", prepare: Callable[[], None] 
         if prepare is not None:
             prepare()
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        print(start_line(cfg, run_dir, method, trainer.device, d.world_size), flush=True)
     status, error = "completed", None
     try:
         state = trainer.fit()
@@ -205,7 +231,8 @@ def run(cfg, run_dir: str | Path, method: str = "", prepare: Callable[[], None] 
     final = state.history[-1] if state.history else {}
     summary = {
         "status": status, "error": error, "method": cfg.get("label") or method, "seed": cfg.seed,
-        "dataset": cfg.dataset.name, "model": cfg.model.name, "epochs": state.epoch, "resumed": resumed,
+        "dataset": cfg.dataset.name, "model": cfg.model.name,
+        "num_classes": trainer.loaders.spec.num_classes, "epochs": state.epoch, "resumed": resumed,
         "final": final, "best_val": state.best, "test_acc": final.get("test_acc"),
         "best_val_test_acc": state.best.get("test_acc"), "wall_time_s": state.wall_time,
         "git_commit": git_commit(), "device": str(trainer.device), "world_size": d.world_size,

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from wgsef.distributed import Dist, barrier, unwrap
 from wgsef.errors import CheckpointError, Diverged, first_line
+from wgsef.logging import epoch_line
 from wgsef.regularizers.base import Regularizer
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -277,12 +278,14 @@ class Trainer:
             row.update(val_loss=val["loss"], val_acc=val["acc"], test_acc=test["acc"], lr=lr,
                        weight_sparsity=weight_sparsity(self.model))
             row.update(self.regularizer.metrics())  # a method may report its own (effective) sparsity
-            row["time"] = time.perf_counter() - t0
+            row["time_s"] = time.perf_counter() - t0
             self.state.epoch = epoch + 1
-            self.state.wall_time += row["time"]
+            self.state.wall_time += row["time_s"]
             self.state.history.append(row)
             if not self.state.best or row["val_acc"] > self.state.best["val_acc"]:
                 self.state.best = {"epoch": epoch + 1, "val_acc": row["val_acc"], "test_acc": row["test_acc"]}
             self.logger.log(row)
             self.save()
+            if self.dist.main:  # on stdout whatever it is (a SLURM or nohup log too), beside the bar
+                print(epoch_line(row, self.epochs), flush=True)
         return self.state
