@@ -505,3 +505,34 @@ def test_sweep_member_refused_reuse_changes_nothing_and_fails_the_sweep(home, mo
     report = [line for line in err if line.startswith("sweep member ")]
     assert code == 1 and len(report) == 1 and "seed=1 failed: " in report[0] and "already holds a run" in report[0], err
     assert snapshot(home / "sweep" / "0") == before
+
+
+def test_a_sweep_whose_members_all_fail_exits_non_zero(home, monkeypatch, capsys):
+    """The issue's case: members named after their model (runs/multirun/digits-vgg16/..., .../digits-mobilenetv1/
+    ...), none in the sweep folder of the default name: each failed member is reported with its overrides, the
+    sweep exits 1, and no records are left behind."""
+    code, err, _ = cli(monkeypatch, capsys, "-m", *tiny(home, "model=vgg16,mobilenetv1", "model.width=0.01"))
+    report = [line for line in err if line.startswith("sweep member ")]
+    assert code == 1 and err[-1] == "error: 2 of 2 sweep members failed", err
+    assert len(report) == 2 and "model=vgg16 model.width=0.01 failed: model.width must be a number >= 1/64" in \
+        report[0] and "model=mobilenetv1 model.width=0.01 failed: model.width must be a number >= 1/32" in report[1]
+    for model, line in zip(("vgg16", "mobilenetv1"), report):
+        run_dir = Path(line.rsplit("(", 1)[1].rstrip(")"))
+        assert run_dir.parent.parent.name == f"digits-{model}"
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+        sweep_id = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["env_set"]
+        assert Path(sweep_id["WGSEF_SWEEP_RECORDS"]).name.startswith(".members-")  # the sweep, with each member
+    assert not list(home.rglob(".members-*"))
+
+
+def test_a_sweep_reports_members_wherever_their_name_put_them(home, monkeypatch, capsys):
+    """One member completes under digits-vgg16, one fails under digits-lenet5: "1 of 2", exit 1."""
+    code, err, out = cli(monkeypatch, capsys, "-m", *tiny(home, "model=vgg16,lenet5", "model.width=0.125",
+                                                          "dataset.image_size=16", "+dataset.limit=128",
+                                                          "trainer.progress=false"))
+    assert code == 1 and err[-1] == "error: 1 of 2 sweep members failed", err
+    report = [line for line in err if line.startswith("sweep member ")]
+    assert len(report) == 1 and "model=lenet5" in report[0] and "failed: model.width must be a number >= 1/6" in \
+        report[0] and "/digits-lenet5/" in report[0], report
+    assert any(line.startswith("completed: ") and "digits-vgg16" in line for line in out), out
+    assert not list(home.rglob(".members-*"))

@@ -334,7 +334,7 @@ def check_model(m: dict, image_size=None) -> None:
     side = next((s for prefix, s in MIN_IMAGE_SIZE.items() if name.startswith(prefix)), None)
     if side and is_int(image_size) and image_size < side:
         raise ConfigError(f"dataset.image_size={image_size} is too small for model {name}: it needs images of at least "
-                          f"{side}x{side} pixels (below that, more than its last stage would run on 1x1 feature maps)")
+                          f"{side}x{side} pixels")
 
 
 def finish_at_start(c: dict) -> str | None:
