@@ -442,7 +442,8 @@ class Guard(Callback):
                 return
             run_dir = Path(str(config.hydra.run.dir)).absolute()
             key = location_key(config.hydra, c)
-            if c.get("resume") and is_empty(run_dir):
+            asked = any(o.lstrip("+").partition("=")[0] == "resume" for o in config.hydra.overrides.task)
+            if c.get("resume") and asked and is_empty(run_dir):  # (an experiment's resume: true starts anew)
                 raise ConfigError(f"resume=true, but {run_dir} holds no run to resume: give the run's directory, "
                                   f"{RESUME.format('<run dir>')}" + ("" if key == "hydra.run.dir" else
                                                                      " (without it a run gets a new directory)"))
