@@ -50,7 +50,11 @@ def with_run_overrides(argv: list[str]) -> list[str]:
     """`resume=true hydra.run.dir=<run>`: the run's own overrides (.hydra/overrides.yaml) come first, those given
     now after them (and instead of the run's for the same key); resume and overwrite are never reloaded."""
     given = [a for a in argv if not a.startswith("-")]
-    if "-m" in argv or "--multirun" in argv or "resume=true" not in given:
+    try:
+        asked = any(o.key_or_group == "resume" and o.value() is True for o in parse(given))
+    except Exception:  # a malformed override: Hydra reports it
+        return argv
+    if "-m" in argv or "--multirun" in argv or not asked:
         return argv
     run_dir = next((a.partition("=")[2] for a in given if a.lstrip("+").startswith("hydra.run.dir=")), None)
     stored = Path(run_dir or "") / ".hydra" / "overrides.yaml"
@@ -222,6 +226,9 @@ def cli() -> None:
     except (ValueError, HydraException, OmegaConfBaseException, Refused) as e:
         print(f"error: {explain(e)}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt as e:  # before a run began (main handles it inside a run)
+        print("interrupted before the run began; nothing was written", file=sys.stderr)
+        code = 143 if isinstance(e, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
         failed = sweep_report()  # also when the sweep was stopped: no records left behind

@@ -536,3 +536,32 @@ def test_a_sweep_reports_members_wherever_their_name_put_them(home, monkeypatch,
         report[0] and "/digits-lenet5/" in report[0], report
     assert any(line.startswith("completed: ") and "digits-vgg16" in line for line in out), out
     assert not list(home.rglob(".members-*"))
+
+
+def test_ctrl_c_in_a_sweep_stops_it_with_one_line_and_no_records(home, monkeypatch, capsys):
+    """Ctrl-C in the second member: its line says where it stopped and how to resume it alone (its own
+    overrides are reloaded); the member that completed is reported as such (no failure), exit 130, and the
+    sweep's records are gone."""
+    from wgsef.train import Trainer
+
+    calls = {"n": 0}
+    start_epoch = Trainer.start_epoch
+
+    def interrupted(self, epoch):
+        calls["n"] += 1
+        if calls["n"] == 4:  # epoch 2 of member 1 begins (members 0 and 1, two epochs each)
+            raise KeyboardInterrupt
+        return start_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "start_epoch", interrupted)
+    code, err, out = cli(monkeypatch, capsys, "-m", *tiny(home, "seed=1,2", "trainer.epochs=2", "+dataset.limit=128",
+                                                          "trainer.progress=false", "hydra.sweep.dir=sweep"))
+    member = home / "sweep" / "1"
+    assert code == 130 and err == [f"interrupted (Ctrl-C): the run stopped in epoch 2 of 2; checkpoints/last.pt holds "
+                                   f"epochs 1-1; resume it with: python -m experiments.train resume=true "
+                                   f"hydra.run.dir={member}"], err
+    assert sum(line.startswith("completed: ") for line in out) == 1 and not list(home.rglob(".members-*"))
+    monkeypatch.setattr(Trainer, "start_epoch", start_epoch)
+    code, err, out = cli(monkeypatch, capsys, "resume=true", f"hydra.run.dir={member}")
+    assert code == 0 and out[0] == f"resumed {member} at epoch 2 of 2 (epochs 1-1 from its checkpoint)", (err, out)
+    assert json.loads((member / "summary.json").read_text())["seed"] == 2

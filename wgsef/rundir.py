@@ -114,7 +114,7 @@ def changed_overrides(run_dir: Path, stored: dict, c: dict) -> list[str]:
         key = o.key_or_group
         if volatile(key) or key.startswith("hydra") or o.is_delete():
             continue
-        if key == "trainer.epochs" and o.value() > select(stored, key, 0):
+        if key == "trainer.epochs" and is_int(o.value()) and o.value() > select(stored, key, 0):
             continue  # an extension: allowed
         run_value = theirs.get(key, choices.get(key) if key in choices else select(stored, key, "(absent)"))
         if str(o.value()) != str(run_value):
@@ -154,6 +154,7 @@ def extend(config, run_dir: Path, c: dict, hydra=None) -> dict:
 
     from omegaconf import OmegaConf, open_dict, read_write
 
+    STATE.pins.pop(run_dir, None)
     stored = stored_config(run_dir) if c.get("resume") else None
     old, new = select(stored or {}, "trainer.epochs"), c["trainer"]["epochs"]
     if not (is_int(old) and new > old):
@@ -355,6 +356,7 @@ def leave(run_dir: Path, discard: bool = False) -> None:
     process created, the run directory and the folders above it included."""
     claim = STATE.claims.pop(run_dir, None)
     created = STATE.created.pop(run_dir, [])
+    STATE.pins.pop(run_dir, None)
     if claim is not None:
         claim.release(remove=discard and claim.created)
     if discard and created and not (created[0] / "checkpoints" / "last.pt").exists():
