@@ -21,8 +21,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from wgsef.errors import CheckpointError, DatasetNotFound, first_line
-from wgsef.rundir import (STATE, Refused, check_and_enter, claim_for_record, clear_previous, disk_full, is_empty,
-                          leave, parse, stopped)
+from wgsef.rundir import (STATE, Refused, check_and_enter, claim_for_record, clear_previous, disk_full, leave,
+                          parse, stopped)
 from wgsef.run import register_resolvers, run, write_json
 from wgsef.schema import GROUPS, unknown_key, validate
 
@@ -65,6 +65,8 @@ def with_run_overrides(argv: list[str]) -> list[str]:
     own = [o.input_line for o in parse(own) if o.key_or_group not in keys]
     STATE.resume[Path(run_dir).absolute()] = (own, [a for a in given if not a.startswith("hydra.")])
     return [*own, *argv]
+
+
 def default_method(choices) -> str:
     """The method's label from the config-group choices: wgsef.run.method_label, which scripts/_runs.py also
     uses to label a member that failed before writing its summary."""
