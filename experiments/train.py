@@ -4,7 +4,9 @@ Bad input stops with one line on stderr and exit code 2 before any work, leaving
 process did not create (wgsef.schema checks the config, wgsef.rundir the run directory). A run ends with one
 line on stdout: status, accuracy, sparsity, FLOPs reduction, speedup, run directory. In a multirun a failing
 member records `status: failed` in its own summary.json and the sweep goes on; at the end the sweep lists
-its failed members (their overrides) and exits 1.
+its failed members (their overrides) and exits 1. Ctrl-C / SIGTERM (exit 130 / 143) and a full disk (exit 1)
+end a run with one line: where it stopped and the command that resumes it (docs/run-directories.md).
+`resume=true hydra.run.dir=<run>` alone resumes: the run's own overrides are reloaded (with_run_overrides).
 """
 import errno
 import json
