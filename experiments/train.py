@@ -4,10 +4,15 @@ Bad input stops with one line on stderr and exit code 2 before any work, leaving
 process did not create (wgsef.schema checks the config, wgsef.rundir the run directory). A run ends with one
 line on stdout: status, accuracy, sparsity, FLOPs reduction, speedup, run directory. In a multirun a failing
 member records `status: failed` in its own summary.json and the sweep goes on; at the end the sweep lists
-its failed members (their overrides) and exits 1.
+its failed members (their overrides) and exits 1. Ctrl-C / SIGTERM (exit 130 / 143) and a full disk (exit 1)
+end a run with one line: where it stopped and the command that resumes it (docs/run-directories.md).
+`resume=true hydra.run.dir=<run>` alone resumes: the run's own overrides are reloaded (with_run_overrides).
 """
+import errno
 import json
 import os
+import re
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -18,12 +23,18 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from wgsef.errors import CheckpointError, DatasetNotFound, first_line
-from wgsef.rundir import STATE, Refused, clear_previous, decide, failed_record, is_empty, release, run_id
+from wgsef.rundir import (STATE, Refused, check_and_enter, claim_for_record, clear_previous, disk_full, leave,
+                          parse, stopped)
 from wgsef.run import register_resolvers, run, write_json
-from wgsef.schema import GROUPS, validate
+from wgsef.schema import GROUPS, unknown_key, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 USER_ERRORS = (ValueError, DatasetNotFound, CheckpointError)
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (SLURM's time limit, kill): handled like Ctrl-C."""
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -35,6 +46,27 @@ def check_group_choices(argv: list[str]) -> None:
             for option in value.split(","):
                 if option not in valid and option != "null":
                     raise ValueError(f"unknown {group} '{option}'; choose one of {', '.join(valid)}")
+
+
+def with_run_overrides(argv: list[str]) -> list[str]:
+    """`resume=true hydra.run.dir=<run>`: the run's own overrides (.hydra/overrides.yaml) come first, those given
+    now after them (and instead of the run's for the same key); resume and overwrite are never reloaded."""
+    given = [a for a in argv if not a.startswith("-")]
+    try:
+        asked = any(o.key_or_group == "resume" and o.value() is True for o in parse(given))
+    except Exception:  # a malformed override: Hydra reports it
+        return argv
+    if "-m" in argv or "--multirun" in argv or not asked:
+        return argv
+    run_dir = next((a.partition("=")[2] for a in given if a.lstrip("+").startswith("hydra.run.dir=")), None)
+    stored = Path(run_dir or "") / ".hydra" / "overrides.yaml"
+    if not run_dir or not stored.is_file():
+        return argv
+    own = [str(o) for o in OmegaConf.load(stored)]
+    keys = {o.key_or_group for o in parse(given)} | {"resume", "overwrite"}
+    own = [o.input_line for o in parse(own) if o.key_or_group not in keys]
+    STATE.resume[Path(run_dir).absolute()] = (own, [a for a in given if not a.startswith("hydra.")])
+    return [*own, *argv]
 
 
 def default_method(choices) -> str:
@@ -71,20 +103,35 @@ def one_line_summary(summary: dict, run_dir: Path) -> str:
 
 
 def save_hydra_files(run_dir: Path, cfg, hc) -> None:
-    """What Hydra writes to .hydra/ (hydra.output_subdir is null so that it does not before the checks)."""
+    """What Hydra writes to .hydra/ (hydra.output_subdir is null so that it does not before the checks); the
+    overrides include the settings an extension kept (wgsef.rundir.extend), so that a later resume finds them."""
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    for name, node in (("config.yaml", cfg), ("hydra.yaml", {"hydra": hc}), ("overrides.yaml", hc.overrides.task)):
+    overrides = [*hc.overrides.task, *STATE.pins.get(run_dir, [])]
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", {"hydra": hc}), ("overrides.yaml", overrides)):
         OmegaConf.save(node, run_dir / ".hydra" / name)
 
 
 def record_member(hc, status: str, error: str | None, run_dir: Path) -> None:
-    """A multirun member's outcome, for the sweep's final report (cli); one file per member."""
-    sweep_id = os.environ.get("WGSEF_SWEEP_ID")
-    if sweep_id:
-        folder = Path(hc.sweep.dir) / f".members-{sweep_id}"
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json({"status": status, "error": error, "overrides": list(hc.overrides.task), "run_dir": str(run_dir)},
-                   folder / f"{hc.job.num}.json")
+    """A multirun member's outcome, for the sweep's final report (cli): one file per member in the folder that
+    the sweep's process named (wgsef.rundir.Guard.on_multirun_start), wherever the member's own directory is."""
+    records = os.environ.get("WGSEF_SWEEP_RECORDS")
+    if records:
+        Path(records).mkdir(parents=True, exist_ok=True)
+        write_json({"status": status, "error": error, "overrides": list(hc.overrides.task), "run_dir": str(run_dir),
+                    "sweep": Path(records).name.removeprefix(".members-")}, Path(records) / f"{hc.job.num}.json")
+
+
+def record_failure(cfg, hc, run_dir: Path, message: str) -> None:
+    """A failed member's summary.json (status failed), where this process may write: the sweep goes on."""
+    try:
+        if claim_for_record(run_dir):
+            if not (run_dir / ".hydra").exists():
+                save_hydra_files(run_dir, cfg, hc)
+            write_json({"status": "failed", "error": message, "overrides": list(hc.overrides.task),
+                        "traceback": traceback.format_exc()}, run_dir / "summary.json")
+        record_member(hc, "failed", message, run_dir)
+    except OSError as e:  # a full disk: the member's line on stderr is all there is
+        print(f"run {run_dir}: its failure could not be recorded: {first_line(e)}", file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="train")
@@ -92,34 +139,36 @@ def main(cfg) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir).absolute()
     multirun = hc.mode == RunMode.MULTIRUN
-    ours = multirun and (is_empty(run_dir) or failed_record(run_dir))  # a member may record its failure here
-    decision = STATE.decisions.get(run_dir)
 
     def prepare():  # the config is accepted: from here on the run writes into run_dir
-        if decision == "overwrite":
+        if STATE.decisions.get(run_dir) == "overwrite":
             clear_previous(run_dir)
         save_hydra_files(run_dir, cfg, hc)
 
     try:
         if multirun:  # single runs were checked by wgsef.rundir.Guard before Hydra made the directory
-            decision = decide(run_dir, validate(cfg, hc))
+            check_and_enter(cfg, validate(cfg, hc), run_dir, "hydra.sweep.dir", hc)
         summary = run(cfg, run_dir, default_method(hc.runtime.choices), prepare=prepare)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cli): where the run stopped and how to resume it
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+        print(f"{how}: {stopped(run_dir, cfg.trainer.epochs)}", file=sys.stderr)
+        leave(run_dir)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except Exception as e:
-        message = first_line(e)
+        full = isinstance(e, OSError) and e.errno in FULL
+        message = disk_full(run_dir, cfg.trainer.epochs) if full else first_line(e)
         if multirun:  # record the failure, let the other members run
-            if ours:
-                if not (run_dir / ".hydra").exists():
-                    save_hydra_files(run_dir, cfg, hc)
-                write_json({"status": "failed", "error": message, "overrides": list(hc.overrides.task),
-                            "traceback": traceback.format_exc()}, run_dir / "summary.json")
-            record_member(hc, "failed", message, run_dir)
+            record_failure(cfg, hc, run_dir, message)
+            leave(run_dir)
             print(f"run {run_dir} failed: {message}", file=sys.stderr)
             return
-        if not isinstance(e, USER_ERRORS):
+        if not full and not isinstance(e, USER_ERRORS):
+            leave(run_dir)
             raise
-        release(STATE.created.get(run_dir, []))  # only what this process created
+        leave(run_dir, discard=not full)  # only what this process created, and only before any checkpoint
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if full else 2)
+    leave(run_dir)
     if os.environ.get("RANK", "0") == "0":
         print(one_line_summary(summary, run_dir), flush=True)
     if multirun:
@@ -134,9 +183,10 @@ def main(cfg) -> float | None:
 
 
 def sweep_report() -> int:
-    """After a multirun: list the members that failed (their overrides) on stderr; 1 if any, else 0."""
-    folder = STATE.sweep_dir and STATE.sweep_dir / f".members-{os.environ.get('WGSEF_SWEEP_ID')}"
-    if not folder or not folder.is_dir():
+    """After a multirun (finished or stopped): list the members that failed (their overrides) on stderr and
+    remove the records; 1 if any failed, else 0."""
+    folder, STATE.records = STATE.records, None
+    if folder is None or not folder.is_dir():
         return 0
     members = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"), key=lambda p: int(p.stem))]
     for p in folder.iterdir():  # the folder is this sweep's own
@@ -152,6 +202,17 @@ def sweep_report() -> int:
     return 1 if failed else 0
 
 
+def explain(e: BaseException) -> str:
+    """The one line of a command-line error; Hydra's "Could not override 'key'" says which keys there are."""
+    line = first_line(e)
+    match = re.match(r"Could not override '([^']+)'", line)
+    return unknown_key(match.group(1)) if match else line
+
+
+def terminate(signum, frame):
+    raise Terminated()
+
+
 def cli() -> None:
     """The command line: config errors (unknown option, bad override, ...) end in one line and exit 2."""
     from hydra.errors import HydraException
@@ -159,16 +220,25 @@ def cli() -> None:
 
     register_resolvers()
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let composition errors reach us instead of a report
-    os.environ["WGSEF_SWEEP_ID"] = run_id()  # marks this invocation's multirun members (launchers inherit it)
-    STATE.sweep_dir = None
+    STATE.records = None
+    previous = signal.signal(signal.SIGTERM, terminate)
+    code = 0
     try:
         check_group_choices(sys.argv[1:])
+        sys.argv = [sys.argv[0], *with_run_overrides(sys.argv[1:])]
         main()
     except (ValueError, HydraException, OmegaConfBaseException, Refused) as e:
-        print(f"error: {first_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    if sweep_report():
-        sys.exit(1)
+        print(f"error: {explain(e)}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt as e:  # before a run began (main handles it inside a run)
+        print("interrupted before the run began; nothing was written", file=sys.stderr)
+        code = 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        failed = sweep_report()  # also when the sweep was stopped: no records left behind
+        STATE.resume.clear()
+    if code or failed:
+        sys.exit(code or 1)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,8 @@ def smoke_cfg(make_cfg, data_root, *overrides):
         extra.append("model.width=0.125")
     if "n_p" in cfg.optimizer:  # HSPG's half-space epoch inside the one-epoch smoke run (the schema checks it)
         extra.append("optimizer.n_p=0")
+    if "milestones" in (cfg.get("scheduler") or {}):  # a recipe's lr milestones inside the run (the schema checks)
+        extra.append("scheduler.milestones=[0]")
     return make_cfg(*overrides, *extra, *SMOKE)
 
 

@@ -35,13 +35,14 @@ BAD = [
     (["trainer.device=cuda"], "no CUDA GPU is visible"),
     (["dataset=cifar10", "dataset.root=/nonexistent", "dataset.download=false"], "cifar10 not found in /nonexistent"),
     (["dataset=fashion_mnist", "dataset.root=/nonexistent", "dataset.download=false"], "fashion_mnist not found"),
-    (["dataset.image_size=4"], "lenet5 needs images of at least 12x12 pixels"),
+    (["dataset.image_size=4"], "dataset.image_size=4 is too small for model lenet5: it needs images of at least 12x12"),
     (["model=nonsense,lenet5"], "unknown model 'nonsense'"),
     (["method=gblr", "optimizer=hspg", "optimizer.n_p=1"], "optimizer hspg needs a group penalty regularizer"),
     (["method=srste", "optimizer=prox_sgd"], "optimizer prox_sgd needs a group penalty regularizer"),
     (["method=ssl", "model=vgg16", "model.width=0.125", "~regularizer.lams.shape", "+regularizer.lams.depth=1e-3"],
      "depth"),
-    (["regularizer.lams.depth=1e-3", "method=ssl"], "Could not override 'regularizer.lams.depth'"),
+    (["regularizer.lams.depth=1e-3", "method=ssl"], "unknown key regularizer.lams.depth; regularizer.lams has: "
+                                                    "filter, shape; +regularizer.lams.depth=<value> adds it"),
     (["optimizer.momentum"], "Error parsing override 'optimizer.momentum'"),
     (["method=wgsef", "regularizer.k=0"], "k must be a group count"),
     (["method=wgsef", "regularizer.k=100000"], "k=100000 is larger than the number of filter groups"),
@@ -78,7 +79,8 @@ def killer(original, at):
         calls["n"] += 1
         if calls["n"] == at:
             if original is torch.save:  # leave a half-written temporary file behind
-                open(args[1], "wb").write(b"partial")
+                args[1].write(b"partial")  # (atomic_save hands torch.save an open file)
+                args[1].flush()
             os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
     return wrapped
@@ -153,3 +155,69 @@ def test_failing_sweep_member_isolated(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     table = (tmp_path / "t.md").read_text()
     assert "failed" in table and "trainer.batch_size must be an integer >= 1" in table
+
+
+SIGNAL = """
+import os, signal
+from wgsef.regularizers.base import Regularizer
+after_step, calls = Regularizer.after_step, {{"n": 0}}
+def signalled(self, *args):
+    calls["n"] += 1
+    if calls["n"] == 25:  # during epoch 2 of 3 (17 steps per epoch)
+        os.kill(os.getpid(), signal.{sig})
+    return after_step(self, *args)
+Regularizer.after_step = signalled
+"""
+
+
+@pytest.mark.parametrize("sig,code,how", [("SIGINT", 130, "interrupted (Ctrl-C)"),
+                                          ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_ctrl_c_and_sigterm_say_where_the_run_stopped(tmp_path, uninterrupted, sig, code, how):
+    """One line: where the run stopped and the command that resumes it; that command, as printed, resumes it
+    (the run's own overrides reloaded) to exactly the uninterrupted run."""
+    r = train(*FAST, f"hydra.run.dir={tmp_path}", driver=SIGNAL.format(sig=sig))
+    assert r.returncode == code, r.stderr[-2000:]
+    command = f"python -m experiments.train resume=true hydra.run.dir={tmp_path}"
+    assert r.stderr.strip().splitlines() == [f"{how}: the run stopped in epoch 2 of 3; checkpoints/last.pt holds "
+                                             f"epochs 1-1; resume it with: {command}"]
+    assert json.loads((tmp_path / ".wgsef-run").read_text())["state"] == "ended"  # the claim was released
+    r = train(*command.split()[3:])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith(f"resumed {tmp_path} at epoch 2 of 3 (epochs 1-1 from its checkpoint)\n")
+    pd.testing.assert_frame_equal(metrics(uninterrupted), metrics(tmp_path))
+
+
+DISK_FULL = """
+import builtins
+import wgsef.train as T
+calls = {"n": 0}
+def full_at_second_checkpoint(path, mode="r", *args, **kwargs):
+    if str(path).endswith("last.pt.tmp"):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            builtins.open(path, "wb").write(b"partial")  # the temporary file is partly written ...
+            return builtins.open("/dev/full", mode)  # ... when the device is full (ENOSPC from the kernel)
+    return builtins.open(path, mode, *args, **kwargs)
+T.open = full_at_second_checkpoint
+"""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux) to make a full device")
+def test_disk_full_keeps_the_last_good_checkpoint(tmp_path, uninterrupted):
+    """The second checkpoint meets a full disk: one line that says so, the first checkpoint kept, the temporary
+    file removed; with space again, the run resumes to exactly the uninterrupted one."""
+    import torch
+
+    r = train(*FAST, f"hydra.run.dir={tmp_path}", driver=DISK_FULL)
+    assert r.returncode == 1, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: disk full: no space left on the device of {tmp_path} "
+                                                   "(the temporary files were removed, the last good checkpoint kept)")
+    assert lines[0].endswith(f"checkpoints/last.pt holds epochs 1-1; free space, then resume it: python -m "
+                             f"experiments.train resume=true hydra.run.dir={tmp_path}")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["state"]["epoch"] == 1
+    assert not list(tmp_path.glob("*.tmp"))
+    r = train("resume=true", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    pd.testing.assert_frame_equal(metrics(uninterrupted), metrics(tmp_path))

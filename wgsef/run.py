@@ -213,6 +213,11 @@ def run(cfg, run_dir: str | Path, method: str = "", prepare: Callable[[], None] 
             pass
     trainer = build(cfg, run_dir, d, device)
     resumed = bool(cfg.resume) and trainer.resume()
+    if resumed and d.main:
+        done = trainer.state.epoch
+        print(f"resumed {run_dir} " + (f"at epoch {done + 1} of {cfg.trainer.epochs} (epochs 1-{done} from its "
+                                        "checkpoint)" if done < cfg.trainer.epochs else
+                                        f"after its last epoch ({done}): nothing left to train"), flush=True)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if prepare is not None:

@@ -30,6 +30,9 @@ TARGET_NODES = ("dataset", "model", "regularizer", "optimizer", "scheduler", "lo
 GROUPS = TARGET_NODES + ("method", "experiment", "hparams_search")
 # the smallest channel count of each model at width 1: below 1/that, layers would be clamped to 1 channel
 BASE_CHANNELS = {"lenet5": 6, "vgg16": 64, "resnet18": 64, "mobilenetv1": 32}
+# the smallest input side of each model: below it more than the last stage of 3x3 convolutions would run on
+# 1x1 maps (where only the centre tap sees the image); lenet5's 5x5 convs and pools need 12
+MIN_IMAGE_SIZE = {"lenet5": 12, "vgg16": 16, "resnet18": 8, "mobilenetv1": 16}
 
 
 # -- value checks: each returns None when the value fits, else a description of what fits --------------
@@ -59,6 +62,24 @@ def one_of(*allowed):
                                  for a in allowed) else what
 
 
+def at_least(lo: float):
+    return lambda v: None if is_number(v) and v >= lo else f"a number >= {lo}"
+
+
+def compile_backend(v):
+    """trainer.compile: true, false, or a backend torch.compile knows (torch._dynamo.list_backends)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, str) and v:
+        from torch._dynamo import list_backends
+
+        backends = list_backends(exclude_tags=())
+        if v in backends:
+            return None
+        return f"true, false or a torch.compile backend ({', '.join(b for b in list_backends())}, ...)"
+    return "true, false or a torch.compile backend name"
+
+
 def text(v):
     return None if isinstance(v, str) and v else "a non-empty string"
 
@@ -79,8 +100,7 @@ RULES = {
     "trainer.epochs": integer(1), "trainer.batch_size": integer(1), "trainer.num_workers": integer(0),
     "trainer.device": one_of("auto", "cpu", "cuda"), "trainer.progress": one_of(True, False, "auto"),
     "trainer.precision": one_of("fp32", "bf16"), "trainer.channels_last": BOOL,
-    "trainer.compile": lambda v: None if isinstance(v, bool) or isinstance(v, str) and v
-    else "true, false or a torch.compile backend name",
+    "trainer.compile": compile_backend,
     "measure.enabled": BOOL, "measure.batches": list_of(integer(1), "integers >= 1"), "measure.threads": integer(1),
     "measure.clock": one_of("cpu", "wall"), "measure.min_run_time": number(above=0),
     "measure.repeats": integer(1), "measure.round_to": integer(1),
@@ -90,6 +110,7 @@ RULES = {
     "dataset.download": BOOL,
     "scheduler.milestones": list_of(integer(0), "epochs (integers >= 0)"), "scheduler.gamma": number(above=0),
     "scheduler.T_max": integer(1), "logger.mode": one_of("online", "offline", "disabled"),
+    "optimizer.lr": number(above=0), "optimizer.momentum": at_least(0), "optimizer.weight_decay": at_least(0),
 }
 
 
@@ -218,12 +239,58 @@ def check_added_keys(overrides: list[str], c: dict) -> None:
         top = key.split(".")[0]
         if top in GROUPS or isinstance(c.get(top), dict) and "_target_" in c[top]:
             continue
-        parent, _, leaf = key.rpartition(".")
         if select(reference, key, KeyError) is KeyError:
-            known = list(select(reference, parent) or {}) if parent else [k for k in reference if k != "defaults"]
-            close = difflib.get_close_matches(leaf, known, n=1)
-            hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown key {key}{hint}; {parent or 'the top level'} has: {', '.join(known)}")
+            raise ConfigError(unknown_key(key))
+
+
+def group_keys(group: str) -> dict[str, dict]:
+    """option -> its config (plain, unresolved) for each option of a config group."""
+    from omegaconf import OmegaConf
+
+    return {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in sorted((CONFIGS / group).glob("*.yaml"))}
+
+
+def methods_choosing(group: str, options: list[str]) -> list[str]:
+    """The method presets (configs/method/) that choose one of `options` for `group`, directly or through the
+    method they extend."""
+    methods = group_keys("method")
+
+    def choice(name: str):
+        for entry in methods.get(name, {}).get("defaults", []):
+            if isinstance(entry, dict) and f"override /{group}" in entry:
+                return entry[f"override /{group}"]
+            if isinstance(entry, str) and entry in methods:
+                return choice(entry)
+        return None
+    return [m for m in methods if choice(m) in options]
+
+
+def unknown_key(key: str) -> str:
+    """One line for a key the composed config does not have: the close match (did you mean), what its parent
+    has, and, for a config group's key, which options (and methods) take it."""
+    from omegaconf import OmegaConf
+
+    parent, _, leaf = key.rpartition(".")
+    top, _, rest = key.partition(".")
+    if top in TARGET_NODES and rest:
+        options = group_keys(top)
+        having = [o for o, node in options.items() if select(node, rest, KeyError) is not KeyError]
+        if having:
+            methods = methods_choosing(top, having)
+            via = f" (method={', '.join(methods)})" if methods else ""
+            return (f"{key} is not a key of the chosen {top}: it belongs to {top}={', '.join(having)}{via}; choose "
+                    f"one of those, e.g. {'method=' + methods[0] if methods else top + '=' + having[0]} {key}=...")
+        nodes = [select(node, rest.rpartition(".")[0]) if "." in rest else node for node in options.values()]
+        known = list(dict.fromkeys(k for n in nodes if isinstance(n, dict) for k in n
+                                   if not k.startswith("_") and k != "defaults"))
+        add = f"; +{key}=<value> adds it where the {top}'s target takes it"
+    else:
+        reference = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml"))
+        known = list(select(reference, parent) or {}) if parent else [k for k in reference if k != "defaults"]
+        add = ""
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+    return f"unknown key {key}{hint}; {parent or 'the top level'} has: {', '.join(known)}{add}"
 
 
 def check_target_node(name: str, node: dict) -> None:
@@ -257,13 +324,27 @@ def check_typed_like_default(c: dict) -> None:
             fail(key, describe(kind), value)
 
 
-def check_model(m: dict) -> None:
+def check_model(m: dict, image_size=None) -> None:
     width, name = m.get("width"), str(m.get("name"))
     base = next((c for prefix, c in BASE_CHANNELS.items() if name.startswith(prefix)), None)
     if base and width is not None:
         if not is_number(width) or width < 1 / base:
             fail("model.width", f"a number >= 1/{base} = {1 / base:g} (below it {m['name']} layers would keep "
                                 f"less than one channel)", width)
+    side = next((s for prefix, s in MIN_IMAGE_SIZE.items() if name.startswith(prefix)), None)
+    if side and is_int(image_size) and image_size < side:
+        raise ConfigError(f"dataset.image_size={image_size} is too small for model {name}: it needs images of at least "
+                          f"{side}x{side} pixels")
+
+
+def finish_at_start(c: dict) -> str | None:
+    """A warning when WGSEF's finish (hard top-k or closing step) comes at epoch 0, before any training."""
+    reg = c.get("regularizer") or {}
+    if str(reg.get("_target_", "")).endswith(".WGSEF") and reg.get("finish_epoch") == 0:
+        return (f"regularizer.finish_epoch=0 (trainer.epochs={c['trainer']['epochs']}): WGSEF's {reg.get('finish')} "
+                "finish comes at initialisation, before any training, so the run fine-tunes a random top-k; use "
+                "trainer.epochs >= 2 or a later regularizer.finish_epoch")
+    return None
 
 
 def check_cross(c: dict, choices: Mapping) -> None:
@@ -271,6 +352,10 @@ def check_cross(c: dict, choices: Mapping) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             fail(key, "a finite number", value)
     epochs = c["trainer"]["epochs"]
+    milestones = select(c, "scheduler.milestones")
+    if isinstance(milestones, list) and any(is_int(m) and m >= epochs for m in milestones):
+        raise ConfigError(f"scheduler.milestones={milestones} reaches beyond the run (trainer.epochs={epochs}): a "
+                          f"milestone m lowers the lr after epoch m, so use epochs below {epochs}")
     for name in ("regularizer", "optimizer"):
         for key, value in (c.get(name) or {}).items():
             if (key.endswith("_epoch") or key == "n_p") and is_int(value) and value >= epochs:
@@ -312,7 +397,7 @@ def validate(cfg, hydra=None) -> dict:
         if value is not KeyError and rule(value) is not None:
             fail(key, rule(value), value)
     check_typed_like_default(c)
-    check_model(c.get("model") or {})
+    check_model(c.get("model") or {}, select(c, "dataset.image_size"))
     for name in TARGET_NODES:
         if isinstance(c.get(name), dict) and "_target_" in c[name]:
             check_target_node(name, c[name])

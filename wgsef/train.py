@@ -157,11 +157,17 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a kill leaves the old file intact."""
+    """torch.save to a temporary file in the same folder, then rename: a kill leaves the old file intact. Written
+    through a Python file so that a full disk raises OSError(ENOSPC); on any error the temporary file goes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class Trainer:
