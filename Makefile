@@ -64,7 +64,8 @@ demo: demo-train ## the main job, offline: every method on digits (VGG16 x0.25) 
 # the grouped parameters (regularizer.weight_decay=0, the penalties' former convention), seeds paired with
 # the demo's own runs (which follow the rule), at k = 0.25 where they differ most
 demo-weight-decay: $(STAMP) ## magnitude and gmp without weight decay on the grouped parameters -> results/demo_weight_decay.md
-	$(DEMO) name=demo_wd method=magnitude,gmp regularizer.weight_decay=0 regularizer.k=0.25 $(SEEDS3)
+	$(DEMO) name=demo_wd method=magnitude regularizer.weight_decay=0 regularizer.k=0.25 $(SEEDS3)
+	$(DEMO) name=demo_wd method=gmp regularizer.weight_decay=0 regularizer.k=0.25 $(SEEDS3)
 	$(PY) scripts/make_table.py runs/demo_wd $(wildcard runs/demo/vgg16/magnitude/*k=0.25*seed=[012] runs/demo/vgg16/gmp/*k=0.25*seed=[012]) --name demo_weight_decay --out results
 
 .PHONY: notebook
