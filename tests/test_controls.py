@@ -68,6 +68,7 @@ def test_gmp_prunes_by_schedule_holds_pruned_groups_at_zero_and_ends_at_exactly_
         norms = torch.cat([slice_norms(layer) for layer in filter_slices(net)])
         assert (norms[pruned] == 0).all()
     assert per_layer_nonzero(reg) == reg.ks and reg.all_held and reg.metrics()["nonzero_groups"] == sum(reg.ks)
+    assert reg.metrics()["prox_zeroed_groups"] == 0  # the schedule pruned them all, not a prox
 
 
 def test_gmp_resumes_mid_window():

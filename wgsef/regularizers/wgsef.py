@@ -114,7 +114,8 @@ class WGSEF(GroupPenalty):
         self.held: Tensor | None = None  # per group: its scope's support is fixed (prox off); None: none yet
         self.keep: Tensor | None = None  # per group: may be nonzero (True on scopes still open)
         self.all_held = False
-        self.finish: dict[str, float] = {}
+        # gradual pruning with lam = 0: every zero group is pruned by the schedule, none by the prox
+        self.finish: dict[str, float] = {"prox_zeroed_groups": 0} if finish == "gradual" and lam == 0 else {}
 
     def build_groups(self, model: nn.Module, example_input: Tensor) -> GroupSet:
         groups = build_groups(model, self.scheme, example_input, layers=self.layers, block=self.block)
@@ -265,7 +266,7 @@ class WGSEF(GroupPenalty):
         a = self.groups.norms()
         keep = self.top_keep(a, self.ks)
         self.finish["group_sparsity_before_finish"] = float((a == 0).float().mean())
-        self.finish["prox_zeroed_groups"] = int((a == 0).sum())
+        self.finish.setdefault("prox_zeroed_groups", int((a == 0).sum()))
         self.keep = keep
         self.groups.scale_(keep.to(a))
         self.finish["group_sparsity_after_finish"] = float(self.groups.zero_mask().float().mean())
