@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tests.test_wgsef_penalty import X, attached, filter_slices, per_layer_nonzero, slice_norms, small_net
+from tests.test_wgsef_penalty import CONFIGS, X, attached, filter_slices, per_layer_nonzero, slice_norms, small_net
 from wgsef.functional import wgsef_prox
 from wgsef.optim.hspg import HSPG
 from wgsef.regularizers.wgsef import WGSEF, closing_mu
@@ -97,6 +97,11 @@ def test_gmp_preset_shares_wgsef_conts_window_and_finish(make_cfg):
     assert cfg.optimizer._target_ == "wgsef.optim.sgd"
     assert (cfg.regularizer.finish_epoch, cfg.regularizer.continuation_start) == \
         (cont.regularizer.finish_epoch, cont.regularizer.continuation_start) == (9, 0)
+    from omegaconf import OmegaConf
+
+    for table in ("table_fmnist", "table_cifar10", "table_cifar100"):  # every paper table runs the control
+        spec = OmegaConf.load(CONFIGS / "experiment" / f"{table}.yaml").hydra.sweeper.params.method.split(",")
+        assert {"gmp", "magnitude", "wgsef"} <= set(spec), table
 
 
 # -------------------------------------------------------------------------- one ranking of the kept groups
