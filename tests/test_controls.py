@@ -83,11 +83,13 @@ def test_gmp_resumes_mid_window():
     assert torch.equal(fresh.keep, reg.keep) and per_layer_nonzero(fresh) == fresh.gradual_ks(3)
 
 
-def test_gradual_needs_a_window():
+def test_gradual_needs_a_finish_epoch_and_without_a_window_prunes_at_once():
     with pytest.raises(ValueError, match="finish=gradual needs a finish_epoch"):
         WGSEF(lam=0.0, k=0.5, finish="gradual")
-    with pytest.raises(ValueError, match="finish=gradual needs a finish_epoch"):
-        WGSEF(lam=0.0, k=0.5, finish="gradual", finish_epoch=3, continuation_start=3)
+    _, reg = attached(lam=0.0, k=0.25, finish="gradual", finish_epoch=0)  # a 1-epoch run: finish_epoch 0
+    assert reg.gradual_ks(0) == reg.ks
+    reg.on_epoch_start(0, 1)
+    assert per_layer_nonzero(reg) == reg.ks
 
 
 def test_gmp_preset_shares_wgsef_conts_window_and_finish(make_cfg):

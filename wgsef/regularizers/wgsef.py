@@ -102,9 +102,8 @@ class WGSEF(GroupPenalty):
         if finish == "continuation" and not (lam > 0 and finish_epoch is not None):
             raise ValueError(f"finish=continuation needs lam > 0 and a finish_epoch, got lam={lam}, "
                              f"finish_epoch={finish_epoch}")
-        if finish == "gradual" and not (finish_epoch is not None and finish_epoch > continuation_start):
-            raise ValueError(f"finish=gradual needs a finish_epoch after continuation_start (the pruning window), "
-                             f"got finish_epoch={finish_epoch}, continuation_start={continuation_start}")
+        if finish == "gradual" and finish_epoch is None:
+            raise ValueError("finish=gradual needs a finish_epoch (the end of the pruning window)")
         if finish == "continuation" and not (isinstance(lam_final, Real) and lam <= lam_final < math.inf):
             raise ValueError(f"lam_final must be a number >= lam, got {lam_final!r}")
         self.k, self.scheme, self.scope, self.weights = parse_k(k), scheme, scope, weights
@@ -243,7 +242,8 @@ class WGSEF(GroupPenalty):
 
     def gradual_ks(self, epoch: int) -> list[int]:
         """Groups each scope keeps at `epoch` under the cubic schedule (k + round((n - k)(1 - tau)^3))."""
-        tau = min(1.0, max(0, epoch - self.continuation_start) / (self.finish_epoch - self.continuation_start))
+        span = self.finish_epoch - self.continuation_start  # no window (a 1-epoch run): k at once
+        tau = 1.0 if span <= 0 else min(1.0, max(0, epoch - self.continuation_start) / span)
         sizes = [hi - lo for lo, hi in zip(self.bounds[:-1], self.bounds[1:])]
         return [k + math.floor((n - k) * (1 - tau) ** 3 + 0.5) for n, k in zip(sizes, self.ks)]
 
