@@ -403,15 +403,21 @@ def markdown(table: pd.DataFrame, bad: pd.DataFrame, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(records: pd.DataFrame, stem, command: str) -> tuple[Path, Path]:
-    """Write `<stem>.csv` (first line `# command: ...`; read back with pd.read_csv(path, comment="#"))
-    and `<stem>.md`; returns both paths."""
+TABLE_FILES = ("{}.csv", "{}.md", "{}_runs.csv")
+
+
+def write_table(records: pd.DataFrame, stem, command: str) -> tuple[Path, Path, Path]:
+    """Write `<stem>.csv` (first line `# command: ...`; read back with pd.read_csv(path, comment="#")),
+    `<stem>.md` and `<stem>_runs.csv` (one row per run: the seeds that compare_at_k pairs); returns the paths."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     table, bad = aggregate(records), problems(records)
-    csv_path, md_path = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".md")
+    csv_path, md_path, runs_path = (stem.with_name(f.format(stem.name)) for f in TABLE_FILES)
     with open(csv_path, "w", newline="") as f:
         f.write(f"# command: {command}\n")
         table.to_csv(f, index=False, quoting=csv.QUOTE_NONNUMERIC)  # quoted: a '#' in a cell is no comment
     md_path.write_text(markdown(table, bad, command))
-    return csv_path, md_path
+    with open(runs_path, "w", newline="") as f:
+        f.write(f"# command: {command}\n")
+        records.drop(columns=["config"]).sort_values(["method", "setting", "seed"]).to_csv(f, index=False)
+    return csv_path, md_path, runs_path

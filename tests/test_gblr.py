@@ -349,6 +349,27 @@ def test_finalize_keeps_the_eval_mode_function(deploy):
     assert not any(p.requires_grad for p in model[2].parameters())
 
 
+def test_deployed_form_is_chosen_on_the_device_threads_and_clock_of_the_reported_latency(monkeypatch, make_cfg):
+    """Every timing of `fastest` runs on deploy_device with deploy_threads and deploy_clock (the config passes
+    measure.threads and measure.clock; CPU whatever the training device), never on the inputs' device."""
+    import wgsef.measure
+
+    calls = []
+    monkeypatch.setattr(wgsef.measure, "latency_ms", lambda form, x, device, **kw: calls.append((device, kw)) or 1.0)
+    model, x = small_cnn(), torch.randn(3, 1, 12, 12)
+    reg = GBLR(lam=0.1, ratio=1.0, gaussian=False, deploy_repeats=1, deploy_threads=3, deploy_clock="wall")
+    reg.attach(model, x)
+    for i, layer in enumerate(reg.layers):
+        randomize_structure(layer, seed=i)  # narrow widths: low-rank and tiled forms are candidates
+    reg.finalize(model)
+    assert calls and {(d, kw["threads"], kw["clock"]) for d, kw in calls} == {("cpu", 3, "wall")}
+    cfg = make_cfg("method=gblr", "measure.threads=2", "measure.clock=wall", "trainer.device=cuda")
+    assert (cfg.regularizer.deploy_device, cfg.regularizer.deploy_threads, cfg.regularizer.deploy_clock) == \
+        ("cpu", 2, "wall")
+    with pytest.raises(ValueError, match="deploy_threads"):
+        GBLR(lam=0.1, ratio=1.0, deploy_threads=2, deploy_clock="cpu")  # the CPU clock times one thread
+
+
 def test_bad_regularizer_arguments_and_config():
     with pytest.raises(ValueError, match="lam"):
         GBLR(lam=-1.0, ratio=1.0)

@@ -131,6 +131,8 @@ def test_attach_builds_filter_groups_and_reports_metrics():
     assert len(pen.groups) > 0
     m = pen.metrics()
     assert m["group_sparsity"] == 0.0 and m["nonzero_groups"] == len(pen.groups) and m["penalty"] > 0
+    assert pen.param_groups(model) == []  # the optimizer's weight decay on every parameter (one rule)
+    pen.weight_decay = 0.0  # regularizer.weight_decay=0: the penalty alone on the grouped parameters
     assert pen.param_groups(model)[0]["weight_decay"] == 0.0
 
 

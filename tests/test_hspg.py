@@ -103,7 +103,9 @@ def train_steps(model, opt, data):
 def test_stage_one_is_prox_sgd_and_stage_two_starts_at_n_p():
     model = toy_model()
     ref = copy.deepcopy(model)
-    opt = hspg(model, toy_penalty(model, lam=0.2), lr=0.3, n_p=2, momentum=0.5, weight_decay=0.01, stage1="prox")
+    pen = toy_penalty(model, lam=0.2)
+    pen.weight_decay = 0.0  # the grouped parameters' own weight decay; the rest get the optimizer's
+    opt = hspg(model, pen, lr=0.3, n_p=2, momentum=0.5, weight_decay=0.01, stage1="prox")
     ref_pen = toy_penalty(ref, lam=0.2)
     ref_opt = torch.optim.SGD([{"params": [ref[0].weight, ref[0].bias], "weight_decay": 0.0},
                                {"params": [ref[2].weight, ref[2].bias]}], lr=0.3, momentum=0.5, weight_decay=0.01)
@@ -293,7 +295,7 @@ def test_digits_ssl_subgradient_then_frozen_finetune(digits, dense_accuracy):
 
 
 def test_digits_hspg(digits, dense_accuracy):
-    pen = GroupLasso(2e-3, scheme="filter")
+    pen = GroupLasso(2e-3, scheme="filter", weight_decay=0.0)  # OTO's convention: the penalty alone on the groups
     acc = fit(digits, pen, lambda m, r: hspg(m, r, lr=0.05, n_p=4, momentum=0.9, weight_decay=5e-4, stage1="prox"))
     sparsity = pen.metrics()["group_sparsity"]
     print(f"group lasso + HSPG: acc {acc:.3f} (dense {dense_accuracy:.3f}), filter group sparsity {sparsity:.3f}")

@@ -69,6 +69,7 @@ def test_step_is_sgd_then_prox_at_current_lr(scheduler, nesterov):
 
 def test_momentum_sees_only_the_loss_gradient():
     net, reg = setup()
+    reg.weight_decay = 0.0  # the grouped parameters' own weight decay (regularizer.weight_decay=0)
     opt = prox_sgd(net, reg, lr=0.1, momentum=0.9, weight_decay=0.1)
     grouped = {id(p) for p in reg.groups.params()}
     train(net, opt, batches(1))
@@ -80,6 +81,17 @@ def test_momentum_sees_only_the_loss_gradient():
             assert not torch.equal(buf, p.grad)  # the classifier gets weight decay
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.1]
     assert {id(p) for p in opt.param_groups[0]["params"]} == grouped
+
+
+@pytest.mark.parametrize("factory", [prox_sgd, prox_adamw])
+def test_one_weight_decay_rule_grouped_params_get_the_optimizers(factory):
+    """By default the penalty is added to weight decay, never substituted: every parameter, grouped or not,
+    gets the optimizer's weight decay (the same rule as magnitude, gmp and dense)."""
+    net, reg = setup()
+    opt = factory(net, reg, lr=0.1, weight_decay=0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1]
+    assert len(opt.param_groups[0]["params"]) == len(list(net.parameters()))
+    assert {id(p) for p in reg.groups.params()} <= {id(p) for p in opt.param_groups[0]["params"]}
 
 
 def test_state_dict_round_trip_gives_identical_steps():
@@ -151,6 +163,7 @@ def test_step_is_the_base_step_then_the_functional_prox(factory, base, kw):
     slices = group_slices(net)
     assert torch.allclose(torch.stack([sum(t.pow(2).sum() for t in g).sqrt() for layer in slices for g in layer]),
                           reg.groups.norms())  # the slices are the penalty's groups
+    reg.weight_decay = 0.0
     opt = factory(net, reg, lr=0.05, weight_decay=1e-2, **kw)
     grouped = [p for i in (0, 1, 3, 6) for p in ref_net[i].parameters()]
     rest = list(ref_net[8].parameters())
@@ -173,8 +186,9 @@ def test_step_is_the_base_step_then_the_functional_prox(factory, base, kw):
     assert min(shrink) < 0.95  # the prox did shrink groups: the test can tell a missing prox
 
 
-def test_prox_adamw_grouped_params_have_no_weight_decay():
+def test_prox_adamw_grouped_params_take_the_penalty_s_own_weight_decay():
     net, reg = setup()
+    reg.weight_decay = 0.0
     opt = prox_adamw(net, reg, lr=1e-3, weight_decay=0.1)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.1]
     assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in reg.groups.params()}

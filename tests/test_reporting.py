@@ -128,6 +128,9 @@ def table(runs, tmp_path_factory):
 def test_table_mean_std_over_seeds(table):
     df = pd.read_csv(table / "t1.csv", comment="#")
     assert len(df) == 4  # wgsef x 2 lambdas, group_lasso, dense
+    per_run = pd.read_csv(table / "t1_runs.csv", comment="#")  # one row per run, for paired comparisons
+    completed = per_run[per_run["status"] == "completed"]
+    assert len(completed) == df["n_runs"].sum() and "config" not in per_run.columns
     for (method, lam) in [("wgsef", 1e-3), ("wgsef", 1e-2), ("group_lasso", 1e-3)]:
         vals = [v for (m, l, _), v in COMPLETED.items() if (m, l) == (method, lam)]
         setting = f"lam={lam}" if method == "wgsef" else ""
@@ -184,7 +187,7 @@ def test_table_all_failed_and_no_runs(tmp_path, capsys):
 
 def test_csv_quotes_cells_with_hash(tmp_path):
     rec = _runs.make_record("r", config("wgsef", 1e-3, 0), summary("wgsef", 0, 0.9, 0.9, 0.5, flops_only=["a#b"]))
-    csv_path, _ = _runs.write_table(_runs.records_frame([rec]), tmp_path / "t", "python x.py # y")
+    csv_path, _, _ = _runs.write_table(_runs.records_frame([rec]), tmp_path / "t", "python x.py # y")
     df = pd.read_csv(csv_path, comment="#")
     assert df["flops_only"].iloc[0] == "a#b" and df["test_acc_mean"].iloc[0] == pytest.approx(0.9)
 
@@ -337,7 +340,7 @@ def test_failed_member_listed_with_method_and_setting(tmp_path):
     write_run(tmp_path / "2", failed, None, {"status": "failed", "error": "boom"}, hydra_only=True)
     choices = {"method": "wgsef", "regularizer": "wgsef", "optimizer": "prox_sgd", "model": "lenet5"}
     (tmp_path / "2" / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
-    _, md = _runs.write_table(_runs.load_runs([tmp_path]), tmp_path / "t", "cmd")
+    _, md, _ = _runs.write_table(_runs.load_runs([tmp_path]), tmp_path / "t", "cmd")
     assert f"- `{tmp_path / '2'}` (wgsef lam=0.01 seed 7): **failed**: boom" in md.read_text()
 
 
@@ -414,9 +417,11 @@ def test_compare_at_k_places_each_method_at_its_kept_fraction(tmp_path):
     pd.DataFrame(rows).to_csv(csv, index=False)
     compare_at_k.main([str(csv), "--out", str(tmp_path / "t.md")])
     body = [line.split(" | ") for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| 0.")]
-    placed = {(cells[1], cells[2]): cells[0].strip("| ") for cells in body}
+    placed = {(cells[1], cells[2]): cells[0].strip("| ") for cells in body if compare_at_k.MISSED not in cells[4]}
     assert placed == {("wgsef", "k=0.25, lam=0.001"): "0.25", ("magnitude", "k=0.5"): "0.50",
                       ("group_lasso", "lam=0.01"): "0.75"}  # lam=0.1 keeps 0.01: no target within 0.125
+    misses = {(cells[0].strip("| "), cells[1]) for cells in body if compare_at_k.MISSED in cells[4]}
+    assert misses == {("0.25", "group_lasso"), ("0.50", "group_lasso")}  # a lambda method tries every target
     assert "95.00 ± 1.00" in (tmp_path / "t.md").read_text() and "Dense reference" in (tmp_path / "t.md").read_text()
 
 
@@ -502,7 +507,7 @@ def test_default_output_folder_keeps_existing_files(runs, tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as e:
         make_table.main([str(runs), "--name", "t"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "reports/t.csv and 1 more already exist" in err
+    assert e.value.code == 2 and err.count("\n") == 1 and "reports/t.csv and 2 more already exist" in err
     assert (tmp_path / "reports" / "t.md").read_text() == "mine"
     make_table.main([str(runs), "--name", "t", "--force"])
     assert (tmp_path / "reports" / "t.md").read_text() != "mine"
@@ -520,3 +525,43 @@ def test_default_output_folder_keeps_existing_files(runs, tmp_path, monkeypatch,
     assert e.value.code == 2 and "--force" in capsys.readouterr().err
     assert (tmp_path / "reports" / "figures" / "acc_vs_sparsity.png").stat().st_mtime_ns == before
     assert not (tmp_path / "results").exists()
+
+
+def test_compare_at_k_paired_intervals_match_a_hand_computation(tmp_path):
+    """Paired differences over seeds with the 95 % paired t interval, against a hand computation (t_{0.975,4}
+    = 2.776445 from a t table); "ahead" only where the interval excludes 0; a collapsed lambda row is
+    "did not reach the target", not a point."""
+    import compare_at_k
+
+    accs = {("dense", ""): [0.98] * 5, ("wgsef_cont", "k=0.25"): [0.97, 0.98, 0.96, 0.99, 0.97],
+            ("gmp", "k=0.25"): [0.96, 0.96, 0.95, 0.97, 0.96],  # A - B = 1, 2, 1, 2, 1 pp
+            ("magnitude", "k=0.25"): [0.94, 1.00, 0.95, 1.00, 0.97],  # A - B = 3, -2, 1, -1, 0 pp
+            ("hspg", "lam=0.004"): [0.10] * 5}
+    sparsity = {"dense": float("nan"), "hspg": 0.76}
+    runs = pd.DataFrame([{"run": f"r{i}", "status": "completed", "dataset": "digits", "model": "vgg16",
+                          "method": m, "setting": s, "seed": i, "final_test_acc": a}
+                         for (m, s), values in accs.items() for i, a in enumerate(values)])
+    table = runs.groupby(["dataset", "model", "method", "setting"])["final_test_acc"].agg(["mean", "std", "size"])
+    table = table.reset_index().rename(columns={"mean": "final_test_acc_mean", "std": "final_test_acc_std",
+                                                "size": "n_seeds"})
+    table["group_sparsity_mean"] = table["method"].map(lambda m: sparsity.get(m, 0.75))
+    for col in ("flops_reduction", "speedup_cpu_b64"):
+        table[f"{col}_mean"], table[f"{col}_std"] = 2.0, 0.1
+    table.to_csv(tmp_path / "demo.csv", index=False)
+    runs.to_csv(tmp_path / "demo_runs.csv", index=False)
+    compare_at_k.main([str(tmp_path / "demo.csv"), "--out", str(tmp_path / "at_k.md")])
+    text = (tmp_path / "at_k.md").read_text()
+    pairs = {cells[1]: cells for cells in (line.strip("| ").split(" | ") for line in text.splitlines())
+             if len(cells) == 6 and " − " in cells[1]}
+    t = 2.776445
+    for b, mean, sd, verdict in (("gmp", 1.4, math.sqrt(0.3), "wgsef_cont ahead"),
+                                 ("magnitude", 0.2, math.sqrt(3.7), "no clear difference (interval contains 0)")):
+        cells = pairs[f"wgsef_cont (k=0.25) − {b} (k=0.25)"]
+        low, high = (float(x) for x in cells[4].strip("[]").split(", "))
+        assert cells[2] == "5" and float(cells[3]) == pytest.approx(mean, abs=0.005)
+        assert low == pytest.approx(mean - t * sd / math.sqrt(5), abs=0.006)
+        assert high == pytest.approx(mean + t * sd / math.sqrt(5), abs=0.006)
+        assert cells[5] == verdict
+    assert compare_at_k.paired_interval([1.0, 2.0, 1.0, 2.0, 1.0])[1] == pytest.approx(1.4 - t * math.sqrt(0.3 / 5),
+                                                                                       rel=1e-6)
+    assert "| 0.25 | hspg | - | - | did not reach the target (collapsed: lam=0.004 keeps 0.24" in text

@@ -159,6 +159,27 @@ def _scaled(a: Tensor, d: Tensor | None) -> Tensor:
     return a if d is None else a * d.sqrt()
 
 
+def keep_score(a: Tensor, d: Tensor | None) -> Tensor:
+    """r_j = a_j / sqrt(d_j): the order in which WGSEF's prox keeps groups, and the one ranking by which every
+    step that picks k groups (the top-k finish, gradual pruning, HSPG's protected set, closing_mu) picks them.
+
+    The prox gives theta_j = clip(gamma s_j - mu d_j, 0, 1) with s_j = sqrt(d_j) a_j, so group j survives iff
+    gamma s_j > mu d_j, i.e. iff r_j > mu / gamma: its support is always a top set by r, and the smallest mu
+    that leaves k groups keeps the top k by r. (The value's head/tail split sorts v = sqrt(d) a instead; the
+    two orders agree when d is constant in a scope.)"""
+    return a if d is None else a / d.sqrt()
+
+
+def rank_in_scope(v: Tensor, scope: Tensor, start: Tensor) -> Tensor:
+    """0-based rank of every v_j within its scope, largest first (ties: lower index first), without a host
+    sync: sort by v, then stably by scope; `start` is the position of each group's scope in that order."""
+    order = v.argsort(descending=True, stable=True)
+    order = order[scope[order].argsort(stable=True)]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(v), device=v.device)
+    return position - start
+
+
 def _per_scope(s: Tensor, b: Tensor | None, scopes: Scopes, finish) -> Tensor:
     """finish(gamma) of every scope, spread over its groups (for a single scope, a 1-element tensor that
     broadcasts). gamma (float64, one per scope) solves sum_j clip(gamma s_j - b_j, 0, 1) = k (b_j > 0 where

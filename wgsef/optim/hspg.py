@@ -18,9 +18,10 @@ Momentum: `momentum_buffers="per_stage"` (OTO) keeps one buffer for stage 1 and 
 stage from a fresh one; "shared" carries one buffer across the switch.
 
 k-aware half-space stage (a penalty with a target k per scope, i.e. WGSEF; `keep_top_k`): only the
-nonzero groups outside their scope's top-k by v_j = sqrt(d_j) a_j are candidates for the half-space test,
+nonzero groups outside their scope's top-k by r_j = a_j / sqrt(d_j) (`keep_score`, the ranking of WGSEF's
+prox, top-k finish and closing_mu) are candidates for the half-space test,
 so no scope ever falls below k nonzero groups. The candidates' penalty gradient is WGSEF's tail gradient
-lam sqrt(d_j) T theta_j / a_j with the tail mean T replaced by v_(k), the scope's k-th largest v: a group
+lam sqrt(d_j) T theta_j / a_j with the tail mean T replaced by v_(k), v of the scope's k-th ranked group: a group
 lasso, which zeroes in finite time, where the 2-homogeneous WGSEF (T shrinks with the candidates) only
 shrinks them geometrically. At every epoch of stage 2 after the first, each scope that still has more than k
 nonzero groups multiplies its candidates' lam by `lam_growth` (a lam continuation on the candidates only).
@@ -38,6 +39,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from wgsef.functional import rank_in_scope  # noqa: F401 (imported from here by older code and tests)
 from wgsef.groups.base import GroupSet
 from wgsef.optim import param_groups, require_group_penalty
 from wgsef.regularizers.base import GroupPenalty, Regularizer
@@ -50,16 +52,6 @@ def group_eps(groups: GroupSet, eps_conv: float, eps_linear: float) -> Tensor:
     """eps of every group: eps_linear for blocks of Linear weights (2-D), eps_conv for conv weights."""
     return torch.cat([torch.full((b.n,), eps_linear if max(m.param.ndim for m in b.members) == 2 else eps_conv)
                       for b in groups.blocks])
-
-
-def rank_in_scope(v: Tensor, scope: Tensor, start: Tensor) -> Tensor:
-    """0-based rank of every v_j within its scope, largest first (ties: lower index first), without a host
-    sync: sort by v, then stably by scope; `start` is the position of each group's scope in that order."""
-    order = v.argsort(descending=True, stable=True)
-    order = order[scope[order].argsort(stable=True)]
-    position = torch.empty_like(order)
-    position[order] = torch.arange(len(v), device=v.device)
-    return position - start
 
 
 def capped(zero: Tensor, norms: Tensor, max_fraction: float) -> Tensor:
@@ -203,12 +195,13 @@ class HSPG(torch.optim.Optimizer):
         return out
 
     def _candidates(self, norms: Tensor) -> tuple[Tensor, Tensor]:
-        """The k-aware stage's candidates (outside their scope's top-k by v = sqrt(d) a) and their penalty
-        coefficients: a group lasso lam_boost * lam * sqrt(d_j) v_(k) / a_j, v_(k) the scope's k-th largest v."""
+        """The k-aware stage's candidates (outside their scope's top-k by the penalty's keep ranking, the one
+        its prox and top-k finish use: a / sqrt(d)) and their penalty coefficients: a group lasso
+        lam_boost * lam * sqrt(d_j) v_(k) / a_j, v_(k) = sqrt(d) a of the scope's k-th ranked group."""
         reg, s = self.regularizer, self.scopes
         root_d = torch.ones_like(norms) if getattr(reg, "weights", "ones") == "ones" else reg.d.to(norms).sqrt()
         v = norms * root_d
-        rank = rank_in_scope(v, s["scope"], s["start"])
+        rank = reg.keep_rank(norms)
         v_k = torch.zeros_like(self.lam_boost).index_add_(0, s["scope"], torch.where(rank == s["k_of"] - 1, v, 0.0))
         scale = reg.lam * self.lam_boost[s["scope"]] * root_d * v_k[s["scope"]]
         coeffs = torch.where(norms > 0, scale / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
@@ -258,7 +251,8 @@ def hspg(model: nn.Module, regularizer: Regularizer, lr: float, n_p: int = 5, ep
          eps_linear: float = 0.9, momentum: float = 0.0, weight_decay: float = 0.0, stage1: str = "subgradient",
          max_group_sparsity: float | None = None, momentum_buffers: str = "per_stage", keep_top_k: bool = True,
          lam_growth: float = 4.0) -> HSPG:
-    """HSPG over `model` for a group penalty; grouped parameters get no weight decay (the penalty replaces it)."""
+    """HSPG over `model` for a group penalty; weight decay as every optimizer: `weight_decay` on every parameter,
+    grouped ones too unless the penalty sets its own (`regularizer.weight_decay`)."""
     require_group_penalty(regularizer, "hspg")
     return HSPG(param_groups(model, regularizer, weight_decay), regularizer, lr=lr, n_p=n_p, eps_conv=eps_conv,
                 eps_linear=eps_linear, momentum=momentum, weight_decay=weight_decay, stage1=stage1,

@@ -63,10 +63,13 @@ class GroupPenalty(Regularizer):
       `grad_coeffs(a)`       per-group c with dOmega/dtheta_g = c_g theta_g on nonzero groups.
     """
 
-    def __init__(self, lam: float):
+    def __init__(self, lam: float, weight_decay: float | None = None):
         if lam < 0:
             raise ValueError(f"regularization strength lam must be >= 0, got {lam}")
+        if weight_decay is not None and not weight_decay >= 0:
+            raise ValueError(f"regularizer weight_decay must be null or >= 0, got {weight_decay}")
         self.lam = float(lam)
+        self.weight_decay = None if weight_decay is None else float(weight_decay)
         self.groups: GroupSet | None = None
 
     def build_groups(self, model: nn.Module, example_input: Tensor) -> GroupSet:
@@ -77,8 +80,11 @@ class GroupPenalty(Regularizer):
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        # the penalty replaces weight decay on the grouped parameters; with lam = 0 there is none to replace it
-        return [{"params": self.groups.params(), "weight_decay": 0.0}] if self.lam > 0 else []
+        """One weight-decay rule in every method (docs/what_wgsef_adds.md): the grouped parameters get the
+        optimizer's weight decay like every other parameter, and the penalty is added to it, never
+        substituted. `weight_decay` (a number) gives them that weight decay instead (0: the penalty alone,
+        OTO's convention and this project's former rule for lam > 0)."""
+        return [] if self.weight_decay is None else [{"params": self.groups.params(), "weight_decay": self.weight_decay}]
 
     def norm_value(self, a: Tensor) -> Tensor:
         raise NotImplementedError

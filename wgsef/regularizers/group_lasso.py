@@ -26,8 +26,9 @@ class GroupLasso(GroupPenalty):
     name = "group_lasso"
 
     def __init__(self, lam: float, scheme: str = "filter", weights: str = "sqrt_size",
-                 layers: list[str] | None = None, block: tuple[int, int] | None = None):
-        super().__init__(lam)
+                 layers: list[str] | None = None, block: tuple[int, int] | None = None,
+                 weight_decay: float | None = None):
+        super().__init__(lam, weight_decay)
         for value, allowed, what in ((scheme, SCHEMES, "scheme"), (weights, WEIGHTS, "group lasso weights")):
             if value not in allowed:
                 raise ValueError(f"unknown {what} '{value}'; choose one of {', '.join(allowed)}")

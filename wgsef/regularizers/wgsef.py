@@ -3,9 +3,14 @@
 Scope `layer` evaluates WGSEF on each block of the GroupSet (a layer, or a set of coupled layers) with
 its own k_l; scope `global` evaluates one WGSEF over all groups with one k. A prox step never leaves
 fewer than k groups nonzero, so exactly k groups per scope come from HSPG or from the end of the
-sparsification phase here, at epoch `finish_epoch`, in one of two ways (`finish`):
+sparsification phase here, at epoch `finish_epoch`, in one of three ways (`finish`):
 
-  top_k         the k largest-norm groups of each scope are kept, the rest zeroed (a hard projection).
+  top_k         the k top-ranked groups of each scope are kept, the rest zeroed (a hard projection).
+  gradual       gradual pruning (Zhu & Gupta 2017): at the start of every epoch t of the window from
+                `continuation_start` (t0) to finish_epoch (t0 + n), each scope keeps its top
+                k + round((n_l - k)(1 - (t - t0) / n)^3) groups among those not yet pruned (the cubic
+                sparsity schedule s_t = s_f + (s_i - s_f)(1 - (t - t0) / n)^3 from s_i = 0 to s_f = 1 - k / n_l,
+                one pruning step per epoch); pruned groups are held at zero; exactly k at finish_epoch.
   continuation  lam grows geometrically, epoch by epoch, from `lam` at `continuation_start` to `lam_final`
                 at finish_epoch (a homotopy); each prox step is followed by a per-scope rescale (see
                 `_rescale`), and a scope whose prox leaves exactly k groups is held at once. At finish_epoch
@@ -14,7 +19,11 @@ sparsification phase here, at epoch `finish_epoch`, in one of two ways (`finish`
                 never a top-k, makes the last zeros (a top-k only breaks exact ties, where no mu can).
 
 Held scopes are fine-tuned: their prox is off and their zero groups are set back to zero after every
-step. `lam: 0` with `finish: top_k` is magnitude (group-norm) pruning: dense training, top-k, fine-tune.
+step. `lam: 0` with `finish: top_k` is magnitude (group-norm) pruning: dense training, top-k, fine-tune;
+`lam: 0` with `finish: gradual` is gradual magnitude pruning (method=gmp).
+
+Every step that picks k groups ranks them by `keep_score` (a / sqrt(d), the order of the prox's support;
+plain group norm a when weights are ones).
 """
 from __future__ import annotations
 
@@ -24,13 +33,13 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor, nn
 
-from wgsef.functional import Scopes, _grad_coeffs, _prox, _value
+from wgsef.functional import Scopes, _grad_coeffs, _prox, _value, keep_score, rank_in_scope
 from wgsef.groups import SCHEMES, GroupSet, build_groups
 from wgsef.regularizers.base import GroupPenalty
 
 SCOPES = ("layer", "global")
 WEIGHTS = ("ones", "size", "flops")
-FINISHES = ("top_k", "continuation")
+FINISHES = ("top_k", "continuation", "gradual")
 
 
 def parse_k(k) -> int | float:
@@ -65,7 +74,7 @@ def closing_mu(a: Tensor, k: int, weights: Tensor | None = None) -> tuple[float,
     broken by torch.topk and ignored in the max (mu = 0 when every kept group is tied).
     """
     d = torch.ones_like(a) if weights is None else weights.to(a)
-    r = a / d.sqrt()
+    r = keep_score(a, d)
     top = r.topk(k + 1)
     head, r_next = top.indices[:k], top.values[k]
     gap = a[head] * d[head].sqrt() / r_next - d[head]
@@ -81,8 +90,8 @@ class WGSEF(GroupPenalty):
     def __init__(self, lam: float, k: int | float, scheme: str = "filter", scope: str = "layer",
                  weights: str = "ones", layers: list[str] | None = None, block: tuple[int, int] | None = None,
                  finish_epoch: int | None = None, finish: str = "top_k", lam_final: float = 100.0,
-                 continuation_start: int = 0):
-        super().__init__(lam)
+                 continuation_start: int = 0, weight_decay: float | None = None):
+        super().__init__(lam, weight_decay)
         for value, allowed, what in ((scheme, SCHEMES, "scheme"), (scope, SCOPES, "scope"),
                                      (weights, WEIGHTS, "weights"), (finish, FINISHES, "finish")):
             if value not in allowed:
@@ -93,6 +102,8 @@ class WGSEF(GroupPenalty):
         if finish == "continuation" and not (lam > 0 and finish_epoch is not None):
             raise ValueError(f"finish=continuation needs lam > 0 and a finish_epoch, got lam={lam}, "
                              f"finish_epoch={finish_epoch}")
+        if finish == "gradual" and finish_epoch is None:
+            raise ValueError("finish=gradual needs a finish_epoch (the end of the pruning window)")
         if finish == "continuation" and not (isinstance(lam_final, Real) and lam <= lam_final < math.inf):
             raise ValueError(f"lam_final must be a number >= lam, got {lam_final!r}")
         self.k, self.scheme, self.scope, self.weights = parse_k(k), scheme, scope, weights
@@ -102,7 +113,8 @@ class WGSEF(GroupPenalty):
         self.held: Tensor | None = None  # per group: its scope's support is fixed (prox off); None: none yet
         self.keep: Tensor | None = None  # per group: may be nonzero (True on scopes still open)
         self.all_held = False
-        self.finish: dict[str, float] = {}
+        # gradual pruning with lam = 0: every zero group is pruned by the schedule, none by the prox
+        self.finish: dict[str, float] = {"prox_zeroed_groups": 0} if finish == "gradual" and lam == 0 else {}
 
     def build_groups(self, model: nn.Module, example_input: Tensor) -> GroupSet:
         groups = build_groups(model, self.scheme, example_input, layers=self.layers, block=self.block)
@@ -114,8 +126,6 @@ class WGSEF(GroupPenalty):
         # a count is capped at the scope's groups; a fraction keeps round-half-up(frac * n) groups, at least 1
         self.ks = [min(n, self.k) if isinstance(self.k, int) else max(1, math.floor(self.k * n + 0.5))
                    for n in sizes]
-        self.scope_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # scope of each group
-        self.k_of_scope = torch.tensor(self.ks)
         self.d = group_weights(groups, self.weights)
         return groups
 
@@ -180,10 +190,23 @@ class WGSEF(GroupPenalty):
         return torch.where(top[1] > 0, top[0] / top[1], 1.0)[scope_of]
 
     def _scope_of(self, device: torch.device) -> Tensor:
-        """The scope index of every group (and k of every scope) on `device`; moved once."""
-        if self.scope_of.device != device:
-            self.scope_of, self.k_of_scope = self.scope_of.to(device), self.k_of_scope.to(device)
+        """The scope index of every group, and on the side the k of every scope (k_of_scope) and the first
+        position of every group's scope (start_of), on `device`; built once per device and set of scopes."""
+        key = (tuple(self.bounds), tuple(self.ks), device)
+        if getattr(self, "_tables", None) != key:
+            sizes = torch.tensor(self.bounds).diff()
+            self.scope_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(device)
+            self.k_of_scope = torch.tensor(self.ks, device=device)
+            self.start_of = torch.tensor(self.bounds[:-1], device=device)[self.scope_of]
+            self._tables = key
         return self.scope_of
+
+    def keep_rank(self, a: Tensor) -> Tensor:
+        """0-based rank of every group in its scope by keep_score (a / sqrt(d)), largest first: the one order
+        in which the prox, closing_mu, the top-k finish, gradual pruning and HSPG's protected set keep groups
+        (sync-free)."""
+        scope_of = self._scope_of(a.device)
+        return rank_in_scope(keep_score(a, self._weights(a)), scope_of, self.start_of)
 
     def _hold_reached(self, norms: Tensor) -> None:
         """Hold every open scope with at most k nonzero groups, keeping its nonzero groups."""
@@ -205,6 +228,8 @@ class WGSEF(GroupPenalty):
             self._hold_all()
         elif self.finish_epoch is not None and epoch >= self.finish_epoch:
             self.project_top_k() if self.finish_mode == "top_k" else self.close()
+        elif self.finish_mode == "gradual":
+            self.prune_to(self.gradual_ks(epoch))
         elif self.finish_mode == "continuation":  # geometric from lam at continuation_start to lam_final at finish
             t = max(0, epoch - self.continuation_start) / max(1, self.finish_epoch - self.continuation_start)
             self.lam = self.lam0 * (self.lam_final / self.lam0) ** t
@@ -215,15 +240,33 @@ class WGSEF(GroupPenalty):
         self.held = torch.ones_like(self.keep)
         self.finish["prox_zeroed_groups"] = self.finish.get("prox_zeroed_groups", int((~self.keep).sum()))
 
+    def gradual_ks(self, epoch: int) -> list[int]:
+        """Groups each scope keeps at `epoch` under the cubic schedule (k + round((n - k)(1 - tau)^3))."""
+        span = self.finish_epoch - self.continuation_start  # no window (a 1-epoch run): k at once
+        tau = 1.0 if span <= 0 else min(1.0, max(0, epoch - self.continuation_start) / span)
+        sizes = [hi - lo for lo, hi in zip(self.bounds[:-1], self.bounds[1:])]
+        return [k + math.floor((n - k) * (1 - tau) ** 3 + 0.5) for n, k in zip(sizes, self.ks)]
+
+    def top_keep(self, a: Tensor, ks: list[int]) -> Tensor:
+        """The mask of the ks[i] top-ranked groups (keep_rank) of every scope i among those still kept."""
+        if self.keep is not None:  # a pruned group never comes back: it ranks below every kept one
+            a = torch.where(self.keep.to(a.device), a, -1.0)
+        scope_of = self._scope_of(a.device)
+        return self.keep_rank(a) < torch.tensor(ks, device=a.device)[scope_of]
+
+    @torch.no_grad()
+    def prune_to(self, ks: list[int]) -> None:
+        """Zero every group outside its scope's ks top-ranked ones and keep it at zero (gradual pruning)."""
+        self.keep = self.top_keep(self.groups.norms(), ks)
+        self.groups.scale_(self.keep.to(self.groups.params()[0]))
+
     @torch.no_grad()
     def project_top_k(self) -> None:
-        """Keep the k largest-norm groups of each scope, zero the others, and freeze that support."""
+        """Keep the k top-ranked groups of each scope (keep_score), zero the others, and freeze that support."""
         a = self.groups.norms()
-        keep = torch.zeros_like(a, dtype=torch.bool)
-        for s, k, _ in self._scopes(a):
-            keep[s.start + a[s].topk(k).indices] = True
+        keep = self.top_keep(a, self.ks)
         self.finish["group_sparsity_before_finish"] = float((a == 0).float().mean())
-        self.finish["prox_zeroed_groups"] = int((a == 0).sum())
+        self.finish.setdefault("prox_zeroed_groups", int((a == 0).sum()))
         self.keep = keep
         self.groups.scale_(keep.to(a))
         self.finish["group_sparsity_after_finish"] = float(self.groups.zero_mask().float().mean())

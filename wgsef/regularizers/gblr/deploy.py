@@ -296,21 +296,22 @@ def candidate_forms(layer: GBLRLayer, batch_hint: int) -> dict[str, nn.Module]:
 
 
 def fastest(forms: dict[str, nn.Module], inputs: list[Tensor], margin: float, repeats: int,
-            min_run_time: float) -> str:
+            min_run_time: float, device: str = "cpu", threads: int = 1, clock: str = "cpu") -> str:
     """The name of the fastest form: for each input (e.g. batch 1 and 64), medians over `repeats`
-    alternating timings (1 thread; the thread's CPU clock on CPU). A form other than dense must beat
-    dense by the fraction `margin` on every input, and the one with the lowest total time of those wins."""
+    alternating timings on `device` with `threads` threads and `clock` (those the reported latency is
+    measured with; forms and inputs are copied there, whichever device they are on). A form other than
+    dense must beat dense by the fraction `margin` on every input, and the one with the lowest total time
+    of those wins."""
     from wgsef.measure import latency_ms  # measure imports nothing of ours; keep the import local
 
     if len(forms) == 1:
         return "dense"
     total, ok = dict.fromkeys(forms, 0.0), dict.fromkeys(forms, True)
     for x in inputs:
-        clock = "cpu" if x.device.type == "cpu" else "wall"
         times = {name: [] for name in forms}
         for _ in range(repeats):
             for name, form in forms.items():
-                times[name].append(latency_ms(form, x, x.device, threads=1, min_run_time=min_run_time,
+                times[name].append(latency_ms(form, x, device, threads=threads, min_run_time=min_run_time,
                                               warmup=1, clock=clock))
         median = {name: statistics.median(t) for name, t in times.items()}
         for name in forms:

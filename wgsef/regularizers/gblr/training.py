@@ -103,7 +103,8 @@ class GBLR(Regularizer):
                  shrink_lr: str = "weights", width_init: str = "splr", location_init: str = "linspace",
                  per_kernel: bool = False, layers: str = "auto", eval_hard: bool = True,
                  deploy: str = "fastest", deploy_margin: float = 0.1, deploy_batches: tuple[int, ...] = (1, 64),
-                 deploy_repeats: int = 3, deploy_min_run_time: float = 0.05):
+                 deploy_repeats: int = 3, deploy_min_run_time: float = 0.05, deploy_device: str = "cpu",
+                 deploy_threads: int = 1, deploy_clock: str = "cpu"):
         if lam < 0:
             raise ValueError(f"regularization strength lam must be >= 0, got {lam}")
         if structural_lr <= 0:
@@ -118,7 +119,8 @@ class GBLR(Regularizer):
             raise ValueError(f"need 0 < ratio <= 1, rank >= 1, init 'svd' or 'scratch'; got {ratio}, {rank}, {init!r}")
         choices = {"structural_optimizer": (structural_optimizer, ("adam", "sgd")),
                    "shrink_lr": (shrink_lr, ("weights", "structural")), "layers": (layers, LAYER_CHOICES),
-                   "location_init": (location_init, LOCATION_INITS), "deploy": (deploy, ("fastest", "dense", "tiled"))}
+                   "location_init": (location_init, LOCATION_INITS), "deploy": (deploy, ("fastest", "dense", "tiled")),
+                   "deploy_device": (deploy_device, ("cpu", "cuda")), "deploy_clock": (deploy_clock, ("cpu", "wall"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
@@ -129,10 +131,12 @@ class GBLR(Regularizer):
                              f"got {structural_betas}, {structural_momentum}")
         deploy_batches = tuple(int(b) for b in deploy_batches)
         if (not 0 <= deploy_margin < 1 or not deploy_batches or min(deploy_batches) < 1 or deploy_repeats < 1
-                or deploy_min_run_time <= 0):
+                or deploy_min_run_time <= 0 or deploy_threads < 1 or (deploy_clock == "cpu" and
+                                                                       (deploy_device, deploy_threads) != ("cpu", 1))):
             raise ValueError("need 0 <= deploy_margin < 1, deploy_batches >= 1, deploy_repeats >= 1, "
-                             f"deploy_min_run_time > 0; got {deploy_margin}, {deploy_batches}, {deploy_repeats}, "
-                             f"{deploy_min_run_time}")
+                             "deploy_min_run_time > 0, deploy_threads >= 1 (deploy_clock cpu: device cpu, 1 thread); "
+                             f"got {deploy_margin}, {deploy_batches}, {deploy_repeats}, {deploy_min_run_time}, "
+                             f"{deploy_threads}, {deploy_clock} on {deploy_device}")
         self.lam, self.ratio, self.rank, self.init = float(lam), ratio, rank, init
         self.structural_lr, self.warmup_epochs = structural_lr, warmup_epochs
         self.structural_optimizer, self.structural_betas = structural_optimizer, betas
@@ -143,6 +147,7 @@ class GBLR(Regularizer):
         self.per_kernel, self.layer_choice = per_kernel, layers
         self.deploy, self.deploy_margin, self.deploy_batches = deploy, deploy_margin, deploy_batches
         self.deploy_repeats, self.deploy_min_run_time = deploy_repeats, deploy_min_run_time
+        self.deploy_device, self.deploy_threads, self.deploy_clock = deploy_device, int(deploy_threads), deploy_clock
         self.sigma = sigma_start if gaussian else math.inf
         self.layers: list[GBLRLayer] = []
         self.names: list[str] = []
@@ -309,14 +314,17 @@ class GBLR(Regularizer):
     def finalize(self, model: nn.Module) -> nn.Module:
         """Swap every GBLR layer for an exact form of what it computes in eval mode: with `deploy:
         fastest` the fastest of dense, low-rank and tiled timed on the layer's own input at every
-        batch size of deploy_batches (a non-dense form must win by deploy_margin at each of them);
+        batch size of deploy_batches (a non-dense form must win by deploy_margin at each of them), on the
+        device, thread count and clock the reported latency is measured with (deploy_device, deploy_threads,
+        deploy_clock: the config passes measure.threads and measure.clock; CPU, whatever device trained);
         `deploy: dense|tiled` forces one (per-kernel layers always deploy dense)."""
         inputs = [self._layer_inputs(model, b) for b in self.deploy_batches] if self.deploy == "fastest" else []
         for name, layer in zip(self.names, self.layers):
             if self.deploy == "fastest":
                 forms = candidate_forms(layer, batch_hint=max(self.deploy_batches))
                 choice = fastest(forms, [x[id(layer)] for x in inputs], self.deploy_margin, self.deploy_repeats,
-                                 self.deploy_min_run_time)
+                                 self.deploy_min_run_time, device=self.deploy_device, threads=self.deploy_threads,
+                                 clock=self.deploy_clock)
                 form = forms[choice]
             elif self.deploy == "tiled" and layer.taps == 1:
                 choice, form = "tiled", to_inference(layer, batch_hint=max(self.deploy_batches)).eval()
