@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: help install test test-slow demo readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step gpu-check clean \
+.PHONY: help install test test-slow demo models-digits readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step gpu-check clean \
 	reproduce-table-fmnist reproduce-table-cifar10 reproduce-table-cifar100 reproduce-table-nm reproduce-table-gblr
 
 help: ## list the targets
@@ -34,6 +34,21 @@ HSPG_LAMS ?= 3.25e-3,3.75e-3,4.5e-3
 WGSEF_HSPG_LAM ?= 1e-2
 # HSPG here: sqrt(size)-weighted groups and a prox first stage. OTO's exact recipe (method=hspg: unweighted,
 # subgradient stage 1) is all-or-nothing on this BatchNorm model (README: "Choices the papers leave open").
+MODELS := $(PY) -m experiments.train -m
+# model=vit on digits: dense, WGSEF heads / MLP units (k = 0.5 per block), magnitude (heads), GBLR; then
+# torchvision's mobilenet_v3_small and regnet_y_400mf dense vs WGSEF filter groups (docs/models.md)
+models-digits: $(STAMP) ## ViT heads/MLP units and torchvision models on digits (a few minutes); results/models.{csv,md}
+	$(MODELS) experiment=vit_digits method=dense optimizer=adamw
+	$(MODELS) experiment=vit_digits method=wgsef optimizer=prox_adamw optimizer.lr=2e-3 regularizer.lam=0.05 \
+		regularizer.scheme=head,mlp regularizer.k=0.5
+	$(MODELS) experiment=vit_digits method=magnitude optimizer=adamw regularizer.scheme=head \
+		regularizer.k=0.5
+	$(MODELS) experiment=vit_digits method=gblr optimizer=adamw regularizer.lam=0.1 regularizer.ratio=0.5 \
+		regularizer.location_init=zero regularizer.target_width=0.25 regularizer.warmup_epochs=2
+	$(MODELS) experiment=tv_digits model.arch=mobilenet_v3_small,regnet_y_400mf method=dense
+	$(MODELS) experiment=tv_digits model.arch=mobilenet_v3_small,regnet_y_400mf method=wgsef regularizer.k=0.5
+	$(PY) scripts/make_table.py runs/vit_digits runs/tv_digits --name models --out results
+
 demo: $(STAMP) ## the main job, offline: every method on digits (VGG16 x0.25) at matched sparsity, 3 seeds; results/demo.{csv,md} + figures
 	$(DEMO) method=dense $(SEEDS)
 	$(DEMO) method=wgsef $(KEPT) $(SEEDS)

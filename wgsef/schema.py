@@ -29,7 +29,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TARGET_NODES = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger")
 GROUPS = TARGET_NODES + ("method", "experiment", "hparams_search")
 # the smallest channel count of each model at width 1: below 1/that, layers would be clamped to 1 channel
-BASE_CHANNELS = {"lenet5": 6, "vgg16": 64, "resnet18": 64, "mobilenetv1": 32}
+BASE_CHANNELS = {"lenet5": 6, "vgg16": 64, "resnet18": 64, "mobilenetv1": 32,
+                 "vit": 96}  # vit: embedding 768 over 8 heads (at model.dim 768, model.heads 8)
 
 
 # -- value checks: each returns None when the value fits, else a description of what fits --------------

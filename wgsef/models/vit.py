@@ -6,6 +6,7 @@ Patch embedding (a conv of kernel = stride = patch_size), a class token and lear
 Gaudi-GBLR CIFAR ViT-S (changwoolee/Gaudi-GBLR, src/models/vit/vit.py `vit_small_patch4_32`: patch 4,
 width 768, depth 8, 8 heads, MLP ratio 4, qkv bias, LayerNorm eps 1e-6; trunc-normal(0.02) weights, zero
 biases, zero-initialised head; drop_path_rate 0.1 in configs/experiment/cifar10/vit/vit-s.yaml).
+`width` scales the embedding width (rounded to a multiple of the head count) like the registry's CNNs.
 
 Each attention has a fused `qkv` Linear (q, k, v, each `heads` x `head_dim`) and an output `proj`: the
 layout wgsef.groups.head groups by head and wgsef.compress removes heads from. The number of heads is
@@ -75,8 +76,9 @@ class Block(nn.Module):
 class ViT(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4,
                  dim: int = 768, depth: int = 8, heads: int = 8, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, width: float = 1.0):
         super().__init__()
+        dim = max(heads, round(dim * width / heads) * heads)  # `width` scales the embedding, heads stay
         if image_size % patch_size:
             raise ValueError(f"vit: image_size {image_size} is not a multiple of patch_size {patch_size}")
         if dim % heads:
