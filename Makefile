@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: help install test test-slow demo models-digits readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step gpu-check clean \
+.PHONY: help install test test-slow demo models-digits reproduce-vit-cifar10 readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step gpu-check clean \
 	reproduce-table-fmnist reproduce-table-cifar10 reproduce-table-cifar100 reproduce-table-nm reproduce-table-gblr
 
 help: ## list the targets
@@ -48,6 +48,14 @@ models-digits: $(STAMP) ## ViT heads/MLP units and torchvision models on digits 
 	$(MODELS) experiment=tv_digits model.arch=mobilenet_v3_small,regnet_y_400mf method=dense
 	$(MODELS) experiment=tv_digits model.arch=mobilenet_v3_small,regnet_y_400mf method=wgsef regularizer.k=0.5
 	$(PY) scripts/make_table.py runs/vit_digits runs/tv_digits --name models --out results
+
+VIT10 := $(PY) -m experiments.train -m experiment=vit_cifar10
+reproduce-vit-cifar10: $(STAMP) ## ViT-S on CIFAR-10 (Gaudi-GBLR's official model): dense, WGSEF heads/MLP units, GBLR (GPU)
+	$(VIT10) method=dense optimizer=adamw
+	$(VIT10) method=wgsef optimizer=prox_adamw optimizer.lr=5e-4 regularizer.lam=0.05 regularizer.scheme=head,mlp \
+		regularizer.k=0.5
+	$(VIT10) method=gblr optimizer=adamw regularizer.location_init=zero
+	$(PY) scripts/make_table.py runs/vit_cifar10 --name vit_cifar10 --out results
 
 demo: $(STAMP) ## the main job, offline: every method on digits (VGG16 x0.25) at matched sparsity, 3 seeds; results/demo.{csv,md} + figures
 	$(DEMO) method=dense $(SEEDS)

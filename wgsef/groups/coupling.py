@@ -28,6 +28,8 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from wgsef.errors import first_line
+
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
 BATCHNORM = nn.modules.batchnorm._BatchNorm
 INSTANCENORM = nn.modules.instancenorm._InstanceNorm
@@ -89,8 +91,8 @@ def dependency_graph(model: nn.Module, example_input: Tensor) -> tp.DependencyGr
     except Exception as err:  # Torch-Pruning fails deep inside its index mapping: name where, in one line
         where = traceback.extract_tb(err.__traceback__)[-1].name
         raise ValueError(f"Torch-Pruning's dependency graph cannot trace {type(model).__name__}: "
-                         f"{type(err).__name__} in its {where} ({str(err).splitlines()[0] if str(err) else ''}); "
-                         "a reshape it cannot map, such as a channel shuffle, has no channel groups") from None
+                         f"{type(err).__name__} in its {where} ({first_line(err)}); an operator it cannot map "
+                         "(ShuffleNet's channel shuffle, Swin's window partition) leaves no channel groups") from None
     finally:
         model.train(was_training)
 
