@@ -113,7 +113,8 @@ def test_untraceable_model_is_refused_in_one_line(monkeypatch):
         return 1 // 0
 
     monkeypatch.setattr(tp.DependencyGraph, "build_dependency", fails)
-    with pytest.raises(ValueError, match="Torch-Pruning's dependency graph cannot trace Grouped: ZeroDivisionError") as err:
+    refusal = "Torch-Pruning's dependency graph cannot trace Grouped: ZeroDivisionError"
+    with pytest.raises(ValueError, match=refusal) as err:
         build_groups(Grouped(), "filter", X)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="cannot trace"):

@@ -1,4 +1,5 @@
-"""Physical compaction: turn zeroed filter/channel groups into a smaller dense model, and save/load it.
+"""Physical compaction: turn zeroed filter/channel groups and attention heads into a smaller dense model,
+and save/load it.
 
 Torch-Pruning's DependencyGraph finds the coupled channels (residual streams, the MobileNet
 pointwise -> depthwise -> pointwise chain, concatenations, grouped convs, flatten into a linear layer;
@@ -6,9 +7,9 @@ read through wgsef.groups.coupling, the same sets the filter groups are made of)
 goes: a unit (a channel, or one channel per conv group) is removed when every producer-side parameter of
 it is zero (conv/linear filter rows, their bias, the BN gamma AND beta, the depthwise filter), so it emits
 exactly 0, or when every consumer reads it with zero weights (a zero input-channel group). An attention
-head (wgsef.groups.head) goes when its q, k, v rows are zero or its proj columns are. A channel with a zero filter but a nonzero BN beta emits a
-constant and stays. Zeros that no channel removal can exploit (im2col columns, unstructured, N:M) stay in
-the compact model and are counted in the report as FLOPs-only.
+head (wgsef.groups.head) goes when its q, k, v rows are zero or its proj columns are. A channel with a
+zero filter but a nonzero BN beta emits a constant and stays. Zeros that no channel removal can exploit
+(im2col columns, unstructured, N:M) stay in the compact model and are counted in the report as FLOPs-only.
 """
 from __future__ import annotations
 
