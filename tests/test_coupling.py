@@ -8,16 +8,8 @@ from torch import nn
 
 from wgsef.compress import compact
 from wgsef.groups import build_groups
+from tests.test_groups import randomize_bn as randomize
 from wgsef.groups.base import GroupBlock, GroupSet, Member
-
-
-def randomize(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            for t in (m.running_mean, m.bias, m.weight):
-                t.data.normal_()
-            m.running_var.data.uniform_(0.5, 2)
-    return model.eval()
 
 
 class Dense(nn.Module):
