@@ -48,6 +48,7 @@ models-digits: $(STAMP) ## ViT heads/MLP units and torchvision models on digits 
 	$(MODELS) experiment=tv_digits model.arch=mobilenet_v3_small,regnet_y_400mf method=dense
 	$(MODELS) experiment=tv_digits model.arch=mobilenet_v3_small,regnet_y_400mf method=wgsef regularizer.k=0.5
 	$(PY) scripts/make_table.py runs/vit_digits runs/tv_digits --name models --out results
+	$(PY) scripts/readme_table.py results/models.md docs/models.md models-table
 
 VIT10 := $(PY) -m experiments.train -m experiment=vit_cifar10
 reproduce-vit-cifar10: $(STAMP) ## ViT-S on CIFAR-10 (Gaudi-GBLR's official model): dense, WGSEF heads/MLP units, GBLR (GPU)
