@@ -36,7 +36,7 @@ WGSEF_HSPG_LAM ?= 1e-2
 # subgradient stage 1) is all-or-nothing on this BatchNorm model (README: "Choices the papers leave open").
 MODELS := $(PY) -m experiments.train -m
 # model=vit on digits: dense, WGSEF heads / MLP units (k = 0.5 per block), magnitude (heads), GBLR; then
-# torchvision's mobilenet_v3_small and regnet_y_400mf dense vs WGSEF filter groups (docs/models.md)
+# torchvision's resnet18 and regnet_y_400mf dense vs WGSEF filter groups (docs/models.md)
 models-digits: $(STAMP) ## ViT heads/MLP units and torchvision models on digits (a few minutes); results/models.{csv,md}
 	$(MODELS) experiment=vit_digits method=dense optimizer=adamw
 	$(MODELS) experiment=vit_digits method=wgsef optimizer=prox_adamw optimizer.lr=2e-3 regularizer.lam=0.05 \
@@ -45,8 +45,8 @@ models-digits: $(STAMP) ## ViT heads/MLP units and torchvision models on digits 
 		regularizer.k=0.5
 	$(MODELS) experiment=vit_digits method=gblr optimizer=adamw regularizer.lam=0.1 regularizer.ratio=0.5 \
 		regularizer.location_init=zero regularizer.target_width=0.25 regularizer.warmup_epochs=2
-	$(MODELS) experiment=tv_digits model.arch=mobilenet_v3_small,regnet_y_400mf method=dense
-	$(MODELS) experiment=tv_digits model.arch=mobilenet_v3_small,regnet_y_400mf method=wgsef regularizer.k=0.5
+	$(MODELS) experiment=tv_digits model.arch=resnet18,regnet_y_400mf method=dense
+	$(MODELS) experiment=tv_digits model.arch=resnet18,regnet_y_400mf method=wgsef regularizer.k=0.5
 	$(PY) scripts/make_table.py runs/vit_digits runs/tv_digits --name models --out results
 	$(PY) scripts/readme_table.py results/models.md docs/models.md models-table
 
