@@ -43,7 +43,7 @@ models-digits: $(STAMP) ## ViT heads/MLP units and torchvision models on digits 
 		regularizer.scheme=head,mlp regularizer.k=0.5
 	$(MODELS) experiment=vit_digits method=magnitude optimizer=adamw regularizer.scheme=head \
 		regularizer.k=0.5
-	$(MODELS) experiment=vit_digits method=gblr optimizer=adamw regularizer.lam=0.1 regularizer.ratio=0.5 \
+	$(MODELS) experiment=vit_digits method=gblr optimizer=adamw regularizer.lam=1.0 regularizer.ratio=0.5 \
 		regularizer.location_init=zero regularizer.target_width=0.25 regularizer.warmup_epochs=2
 	$(MODELS) experiment=tv_digits model.arch=resnet18,regnet_y_400mf method=dense
 	$(MODELS) experiment=tv_digits model.arch=resnet18,regnet_y_400mf method=wgsef regularizer.k=0.5
