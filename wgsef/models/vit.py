@@ -78,11 +78,11 @@ class ViT(nn.Module):
                  dim: int = 768, depth: int = 8, heads: int = 8, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, width: float = 1.0):
         super().__init__()
-        dim = max(heads, round(dim * width / heads) * heads)  # `width` scales the embedding, heads stay
         if image_size % patch_size:
             raise ValueError(f"vit: image_size {image_size} is not a multiple of patch_size {patch_size}")
         if dim % heads:
             raise ValueError(f"vit: dim {dim} is not a multiple of heads {heads}")
+        dim = max(heads, round(dim * width / heads) * heads)  # `width` scales the embedding, heads stay
         if not 0 <= drop_path < 1:
             raise ValueError(f"vit: drop_path must lie in [0, 1), got {drop_path}")
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
