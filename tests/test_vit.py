@@ -107,3 +107,31 @@ def test_bad_vit_shapes_are_refused():
         build("vit", num_classes=10, in_channels=1, image_size=8, patch_size=3)
     with pytest.raises(ValueError, match="multiple of heads"):
         build("vit", num_classes=10, in_channels=1, image_size=8, patch_size=2, dim=30, heads=4)
+
+
+class TimmAttention(nn.Module):
+    """timm's layout: a plain `num_heads` attribute that the forward pass reads."""
+
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_heads_of_any_attention_with_the_timm_layout():
+    torch.manual_seed(0)
+    net = nn.Sequential(TimmAttention(), nn.Flatten(), nn.Linear(5 * 16, 3)).eval()
+    x = torch.randn(2, 5, 16)
+    groups = build_groups(net, "head", x[:1])
+    assert [(b.name, b.n) for b in groups.blocks] == [("0", 4)]
+    zero(groups, [1, 2])
+    small = compact(net, x[:1]).eval()
+    assert small[0].num_heads == 2 and small[0].qkv.out_features == 24
+    with torch.no_grad():
+        assert relative_error(net(x), small(x)) <= 1e-5
