@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: help install test test-slow demo demo-train demo-weight-decay readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step gpu-check clean \
+.PHONY: help install test test-slow demo demo-train demo-weight-decay models-digits reproduce-vit-cifar10 readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step gpu-check clean \
 	reproduce-table-fmnist reproduce-table-cifar10 reproduce-table-cifar100 reproduce-table-nm reproduce-table-gblr
 
 help: ## list the targets
@@ -68,6 +68,30 @@ demo-weight-decay: $(STAMP) ## magnitude and gmp without weight decay on the gro
 	$(DEMO) name=demo_wd method=magnitude regularizer.weight_decay=0 regularizer.k=0.25 $(SEEDS3)
 	$(DEMO) name=demo_wd method=gmp regularizer.weight_decay=0 regularizer.k=0.25 $(SEEDS3)
 	$(PY) scripts/make_table.py runs/demo_wd $(wildcard runs/demo/vgg16/magnitude/*k=0.25*seed=[012] runs/demo/vgg16/gmp/*k=0.25*seed=[012]) --name demo_weight_decay --out results
+
+MODELS := $(PY) -m experiments.train -m
+# model=vit on digits: dense, WGSEF heads / MLP units (k = 0.5 per block), magnitude (heads), GBLR; then
+# torchvision's resnet18 and regnet_y_400mf dense vs WGSEF filter groups (docs/models.md)
+models-digits: $(STAMP) ## ViT heads/MLP units and torchvision models on digits (a few minutes); results/models.{csv,md}
+	$(MODELS) experiment=vit_digits method=dense optimizer=adamw
+	$(MODELS) experiment=vit_digits method=wgsef optimizer=prox_adamw optimizer.lr=2e-3 regularizer.lam=0.05 \
+		regularizer.scheme=head,mlp regularizer.k=0.5
+	$(MODELS) experiment=vit_digits method=magnitude optimizer=adamw regularizer.scheme=head \
+		regularizer.k=0.5
+	$(MODELS) experiment=vit_digits method=gblr optimizer=adamw regularizer.lam=1.0 regularizer.ratio=0.5 \
+		regularizer.location_init=zero regularizer.target_width=0.25 regularizer.warmup_epochs=2
+	$(MODELS) experiment=tv_digits model.arch=resnet18,regnet_y_400mf method=dense
+	$(MODELS) experiment=tv_digits model.arch=resnet18,regnet_y_400mf method=wgsef regularizer.k=0.5
+	$(PY) scripts/make_table.py runs/vit_digits runs/tv_digits --name models --out results
+	$(PY) scripts/readme_table.py results/models.md docs/models.md models-table
+
+VIT10 := $(PY) -m experiments.train -m experiment=vit_cifar10
+reproduce-vit-cifar10: $(STAMP) ## ViT-S on CIFAR-10 (Gaudi-GBLR's official model): dense, WGSEF heads/MLP units, GBLR (GPU)
+	$(VIT10) method=dense optimizer=adamw
+	$(VIT10) method=wgsef optimizer=prox_adamw optimizer.lr=5e-4 regularizer.lam=0.05 regularizer.scheme=head,mlp \
+		regularizer.k=0.5
+	$(VIT10) method=gblr optimizer=adamw regularizer.location_init=zero
+	$(PY) scripts/make_table.py runs/vit_cifar10 --name vit_cifar10 --out results
 
 .PHONY: notebook
 notebook: $(STAMP) ## execute notebooks/analysis.ipynb into notebooks/executed/ (INPLACE=1: into the tracked file); WGSEF_RUNS=... from the repo root

@@ -13,7 +13,7 @@ NEEDS_PENALTY = {"prox_sgd": "regularizer=group_lasso", "prox_adamw": "regulariz
 
 
 def small_model(cfg):
-    kw = {} if cfg.model.name == "lenet5" else {"width": 0.125}
+    kw = {} if cfg.model.name in ("lenet5", "torchvision") else {"width": 0.125}
     return instantiate(cfg.model, num_classes=10, in_channels=1, image_size=16, **kw)
 
 

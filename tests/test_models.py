@@ -9,7 +9,8 @@ SHAPES = [(1, 28), (3, 32), (1, 16)]  # Fashion-MNIST, CIFAR, digits default
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("channels,size", SHAPES)
 def test_forward_backward(name, channels, size):
-    model = build(name, num_classes=7, in_channels=channels, image_size=size, **({} if name == "lenet5" else {"width": 0.25}))
+    kw = {} if name in ("lenet5", "torchvision") else {"width": 0.25}  # torchvision's models have no width
+    model = build(name, num_classes=7, in_channels=channels, image_size=size, **kw)
     x = torch.randn(3, channels, size, size)
     out = model(x)
     assert out.shape == (3, 7)

@@ -67,7 +67,8 @@ def test_make_demo_splices_every_table_into_a_page_that_shows_it():
     commands = splice_commands()
     assert {(t, p) for t, p, _ in commands} == {("results/demo.md", "docs/results.md"),
                                                 ("results/demo_at_k.md", "docs/results.md"),
-                                                ("results/demo_pairs.md", "README.md")}
+                                                ("results/demo_pairs.md", "README.md"),
+                                                ("results/models.md", "docs/models.md")}
     for table, page, block in commands:
         text = (ROOT / page).read_text()
         assert f"<!-- {block}:start -->" in text and f"<!-- {block}:end -->" in text, (page, block)

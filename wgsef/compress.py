@@ -1,12 +1,15 @@
-"""Physical compaction: turn zeroed filter/channel groups into a smaller dense model, and save/load it.
+"""Physical compaction: turn zeroed filter/channel groups and attention heads into a smaller dense model,
+and save/load it.
 
 Torch-Pruning's DependencyGraph finds the coupled channels (residual streams, the MobileNet
-pointwise -> depthwise -> pointwise chain, flatten into a linear layer); the zeros decide what goes:
-a channel is removed when every producer-side parameter of it is zero (conv/linear filter rows, their
-bias, the BN gamma AND beta, the depthwise filter), so it emits exactly 0, or when every consumer reads it
-with zero weights (a zero input-channel group). A channel with a zero filter but a nonzero BN beta emits a
-constant and stays. Zeros that no channel removal can exploit (im2col columns, unstructured, N:M) stay in
-the compact model and are counted in the report as FLOPs-only.
+pointwise -> depthwise -> pointwise chain, concatenations, grouped convs, flatten into a linear layer;
+read through wgsef.groups.coupling, the same sets the filter groups are made of); the zeros decide what
+goes: a unit (a channel, or one channel per conv group) is removed when every producer-side parameter of
+it is zero (conv/linear filter rows, their bias, the BN gamma AND beta, the depthwise filter), so it emits
+exactly 0, or when every consumer reads it with zero weights (a zero input-channel group). An attention
+head (wgsef.groups.head) goes when its q, k, v rows are zero or its proj columns are. A channel with a
+zero filter but a nonzero BN beta emits a constant and stays. Zeros that no channel removal can exploit
+(im2col columns, unstructured, N:M) stay in the compact model and are counted in the report as FLOPs-only.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from wgsef.groups.coupling import CoupledSet, Slice, coupled_sets, dependency_graph, is_depthwise, is_grouped
+from wgsef.groups.head import attention_modules, head_layout
 from wgsef.measure import eval_mode
 from wgsef.models import build
 
@@ -32,6 +37,8 @@ class CompactionReport:
     shapes_after: dict[str, list[int]]
     removed_channels: int = 0          # channels removed, summed over coupled groups
     kept_zero_channels: int = 0        # removable channels kept (round_to padding, or the last channel)
+    removed_heads: int = 0             # attention heads removed
+    left_out: list[str] = field(default_factory=list)  # coupled sets that cannot be removed exactly, why
     shape_zero_columns: dict[str, list[int]] = field(default_factory=dict)  # conv -> [zero cols, cols]
     zero_weights: int = 0              # zeros left in conv/linear weights of the compact model
     weights: int = 0
@@ -45,63 +52,6 @@ class CompactionReport:
                 if len(before) > 1}
 
 
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def _check_supported(m: nn.Module) -> None:
-    if isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m):
-        raise ValueError(f"compaction supports dense or depthwise convs, got groups={m.groups} in {m}")
-    if isinstance(m, nn.BatchNorm2d) and not m.affine:
-        raise ValueError(f"compaction needs affine BatchNorm (a non-affine BN emits -mean/std), got {m}")
-
-
-def _is_producer(DG: tp.DependencyGraph, item) -> bool:
-    """Does this group item prune output channels (filter rows, BN entries, the depthwise filter)?"""
-    return DG.is_out_channel_pruning_fn(item.dep.handler) or _is_depthwise(item.dep.target.module)
-
-
-def _group_norms(DG: tp.DependencyGraph, group) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Squared norms per root channel of the group's producer side and consumer side (None: no consumer)."""
-    n = len(group[0].idxs)
-    producer = torch.zeros(n, dtype=torch.float64)
-    consumer = None
-    for item in group:
-        m = item.dep.target.module
-        if not isinstance(m, nn.Module) or next(m.parameters(recurse=False), None) is None:
-            continue  # reshape/add/activation nodes carry no parameters
-        if not isinstance(m, LAYER_TYPES):
-            raise ValueError(f"compaction supports Conv2d, Linear and BatchNorm2d layers, got {type(m).__name__}")
-        _check_supported(m)
-        idx = torch.as_tensor(item.idxs, device=m.weight.device)
-        root = torch.as_tensor(item.root_idxs)
-        if _is_producer(DG, item):
-            sq = m.weight.detach()[idx].double().pow(2).reshape(len(idx), -1).sum(1)
-            if m.bias is not None:
-                sq = sq + m.bias.detach()[idx].double().pow(2)
-            producer.index_add_(0, root, sq.cpu())
-        elif DG.is_in_channel_pruning_fn(item.dep.handler):
-            sq = m.weight.detach()[:, idx].double().pow(2).transpose(0, 1).reshape(len(idx), -1).sum(1)
-            consumer = torch.zeros(n, dtype=torch.float64) if consumer is None else consumer
-            consumer.index_add_(0, root, sq.cpu())
-    return producer, consumer
-
-
-def _producer_zero_(DG: tp.DependencyGraph, group, root_idxs: list[int]) -> None:
-    """Zero the producer side (filter rows, bias, BN gamma and beta) of the given root channels."""
-    chosen = set(root_idxs)
-    with torch.no_grad():
-        for item in group:
-            m = item.dep.target.module
-            if not isinstance(m, LAYER_TYPES):
-                continue
-            if _is_producer(DG, item):
-                idx = [i for i, r in zip(item.idxs, item.root_idxs) if r in chosen]
-                m.weight[idx] = 0
-                if m.bias is not None:
-                    m.bias[idx] = 0
-
-
 def _classifier(model: nn.Module) -> nn.Module:
     """The last conv/linear layer registered: its outputs are the logits and are never pruned."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -110,25 +60,90 @@ def _classifier(model: nn.Module) -> nn.Module:
     return layers[-1]
 
 
-def _groups(model: nn.Module, example_inputs):
-    """Coupled channel groups of `model` (classifier outputs excluded), traced in eval mode."""
-    with eval_mode(model):  # tracing runs a forward pass: keep BN running stats untouched
-        DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
-    return DG, DG.get_all_groups(ignored_layers=[_classifier(model)])
+def _sets(model: nn.Module, example_inputs) -> list[CoupledSet]:
+    """Coupled channel sets of `model` (classifier outputs and attention qkv layers excluded: heads are
+    removed as a whole by _compact_heads)."""
+    graph = dependency_graph(model, example_inputs)
+    ignored = [_classifier(model)] + [att.qkv for att in attention_modules(model)]
+    return coupled_sets(model, graph, ignored_layers=ignored)
+
+
+def _unit_norms(slices: list[Slice], n_units: int) -> torch.Tensor:
+    """Squared norm per unit of the given parameter slices."""
+    out = torch.zeros(n_units, dtype=torch.float64)
+    for s in slices:
+        part = s.param.detach().index_select(s.dim, s.idxs.to(s.param.device)).double().pow(2)
+        out.index_add_(0, s.units, part.movedim(s.dim, 0).reshape(len(s.idxs), -1).sum(1).cpu())
+    return out
+
+
+def _set_norms(cs: CoupledSet) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Squared norms per unit of the producer side and of the consumer side (None: no complete consumer
+    side, e.g. no consumer or a grouped conv among the readers)."""
+    complete = cs.consumers and not any(is_grouped(m) for m, _ in cs.readers)
+    return _unit_norms(cs.producers, cs.n_units), _unit_norms(cs.consumers, cs.n_units) if complete else None
+
+
+def _producer_zero_(cs: CoupledSet, units: list[int]) -> None:
+    """Zero the producer side (filter rows, bias, norm gamma and beta, free parameters) of the given units."""
+    chosen = torch.zeros(cs.n_units, dtype=torch.bool)
+    chosen[units] = True
+    with torch.no_grad():
+        for s in cs.producers:
+            idx = s.idxs[chosen[s.units]].to(s.param.device)
+            s.param.index_fill_(s.dim, idx, 0.0)
 
 
 def zero_random_groups_(model: nn.Module, example_inputs, fraction: float, generator: torch.Generator) -> int:
-    """Zero the producer side of a random `fraction` of every coupled group's channels in place;
+    """Zero the producer side of a random `fraction` of every removable coupled set's units in place;
     returns how many channels were zeroed (used by tests and the compaction benchmark)."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-    DG, groups, zeroed = *_groups(model, example_inputs), 0
-    for group in groups:
-        n = len(group[0].idxs)
-        k = int(fraction * n)
-        _producer_zero_(DG, group, torch.randperm(n, generator=generator)[:k].tolist())
-        zeroed += k
+    zeroed = 0
+    for cs in _sets(model, example_inputs):
+        if cs.problem is None:
+            k = int(fraction * cs.n_units)
+            _producer_zero_(cs, torch.randperm(cs.n_units, generator=generator)[:k].tolist())
+            zeroed += k * (cs.n // cs.n_units)
     return zeroed
+
+
+def _compact_heads(att: nn.Module) -> int:
+    """Remove the heads of one attention module whose q, k, v rows (and biases) are all zero or whose
+    proj columns are all zero (at least one head stays); returns how many went."""
+    heads, width = head_layout(att)
+    qkv, proj = att.qkv, att.proj
+    rows = qkv.weight.detach().reshape(3, heads, width, -1).double().pow(2).sum((0, 2, 3))
+    if qkv.bias is not None:
+        rows += qkv.bias.detach().reshape(3, heads, width).double().pow(2).sum((0, 2))
+    cols = proj.weight.detach().reshape(proj.out_features, heads, width).double().pow(2).sum((0, 2))
+    keep = ~((rows == 0) | (cols == 0))
+    if not keep.any():
+        keep[torch.argmax(rows + cols)] = True
+    if bool(keep.all()):
+        return 0
+    kept = torch.nonzero(keep).flatten().to(qkv.weight.device)
+    out_rows = (torch.arange(3, device=kept.device)[:, None] * heads + kept[None, :]).flatten()
+    out_rows = (out_rows[:, None] * width + torch.arange(width, device=kept.device)).flatten()
+    in_cols = (kept[:, None] * width + torch.arange(width, device=kept.device)).flatten()
+    att.qkv = _linear_slice(qkv, rows=out_rows)
+    att.proj = _linear_slice(proj, cols=in_cols)
+    if not isinstance(getattr(type(att), "num_heads", None), property):  # wgsef's ViT derives it from qkv
+        att.num_heads = len(kept)
+    return heads - len(kept)
+
+
+def _linear_slice(old: nn.Linear, rows=None, cols=None) -> nn.Linear:
+    """A Linear holding old's weight rows `rows` (and bias) and columns `cols` (None: all)."""
+    w = old.weight.detach()
+    w = w if rows is None else w[rows]
+    w = w if cols is None else w[:, cols]
+    new = nn.Linear(w.shape[1], w.shape[0], old.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if old.bias is not None:
+            new.bias.copy_(old.bias.detach() if rows is None else old.bias.detach()[rows])
+    return new.train(old.training)
 
 
 def _layer_shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -141,40 +156,49 @@ def _remaining_zeros(model: nn.Module, report: CompactionReport) -> None:
             w = m.weight.detach()
             report.zero_weights += int((w == 0).sum())
             report.weights += w.numel()
-            if isinstance(m, nn.Conv2d) and w.shape[2] * w.shape[3] > 1 and not _is_depthwise(m):
+            if isinstance(m, nn.Conv2d) and w.shape[2] * w.shape[3] > 1 and not is_depthwise(m):
                 cols = w.flatten(1).abs().sum(0)  # one entry per im2col column W[:, c, h, w]
                 report.shape_zero_columns[name] = [int((cols == 0).sum()), cols.numel()]
 
 
 def compact(model: nn.Module, example_inputs, round_to: int = 1) -> nn.Module:
-    """A deep copy of `model` with every all-zero channel group physically removed.
+    """A deep copy of `model` with every all-zero channel group and attention head physically removed.
 
-    round_to > 1 keeps each compacted width a multiple of round_to (capped at the original width) by
-    keeping the removable channels with the largest norms; at least one channel always survives. The
-    returned module carries a `compaction_report` (CompactionReport).
+    round_to > 1 keeps each compacted width (in units: channels, or channels per conv group with a
+    grouped conv) a multiple of round_to (capped at the original width) by keeping the removable units
+    with the largest norms; at least one unit (and one head per attention) always survives. Coupled sets
+    that cannot be removed exactly stay whole and are listed in the report's `left_out`. The returned
+    module carries a `compaction_report` (CompactionReport).
     """
     if not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
     model = copy.deepcopy(model)
     report = CompactionReport(shapes_before=_layer_shapes(model), shapes_after={})
-    DG, groups = _groups(model, example_inputs)
-    for group in groups:
-        producer, consumer = _group_norms(DG, group)
+    with eval_mode(model):
+        report.removed_heads = sum(_compact_heads(att) for att in attention_modules(model)
+                                   if att.qkv is not _classifier(model))
+        sets = _sets(model, example_inputs)
+    for cs in sets:
+        producer, consumer = _set_norms(cs)
         removable = producer == 0
         if consumer is not None:
             removable |= consumer == 0
-        n, n_removable = len(producer), int(removable.sum())
+        n, n_removable, per_unit = cs.n_units, int(removable.sum()), cs.n // cs.n_units
+        if cs.problem is not None:
+            report.left_out.append(cs.problem)
+            report.kept_zero_channels += n_removable * per_unit
+            continue
         keep = min(n, max(1, math.ceil((n - n_removable) / round_to) * round_to))
         n_remove = n - keep
         if n_remove <= 0:
-            report.kept_zero_channels += n_removable
+            report.kept_zero_channels += n_removable * per_unit
             continue
         candidates = torch.nonzero(removable).flatten()
         total = producer + (consumer if consumer is not None else 0)
         order = torch.argsort(total[candidates], stable=True)  # keep the largest norms, remove the rest
-        group.prune(idxs=sorted(candidates[order[:n_remove]].tolist()))
-        report.removed_channels += n_remove
-        report.kept_zero_channels += n_removable - n_remove
+        cs.group.prune(idxs=cs.channels(sorted(candidates[order[:n_remove]].tolist())))
+        report.removed_channels += n_remove * per_unit
+        report.kept_zero_channels += (n_removable - n_remove) * per_unit
     report.shapes_after = _layer_shapes(model)
     _remaining_zeros(model, report)
     model.compaction_report = report

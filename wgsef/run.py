@@ -175,6 +175,7 @@ def measure_run(model, cfg, spec, run_dir: Path) -> dict:
         write_json(report.widths(), run_dir / "compact.json")
         zero_cols = sum(z for z, _ in report.shape_zero_columns.values())
         out.update(compaction="done", removed_channels=report.removed_channels,
+                   removed_heads=report.removed_heads,
                    zero_weights_left=report.zero_weights, zero_im2col_columns=zero_cols,
                    flops_only=[name for name, n in (("im2col columns", zero_cols),
                                                     ("unstructured/N:M zeros (no CPU speedup)",

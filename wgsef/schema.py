@@ -29,7 +29,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TARGET_NODES = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger")
 GROUPS = TARGET_NODES + ("method", "experiment", "hparams_search")
 # the smallest channel count of each model at width 1: below 1/that, layers would be clamped to 1 channel
-BASE_CHANNELS = {"lenet5": 6, "vgg16": 64, "resnet18": 64, "mobilenetv1": 32}
+BASE_CHANNELS = {"lenet5": 6, "vgg16": 64, "resnet18": 64, "mobilenetv1": 32,
+                 "vit": 96}  # vit: embedding 768 over 8 heads (at model.dim 768, model.heads 8)
 # the smallest input side of each model: below it more than the last stage of 3x3 convolutions would run on
 # 1x1 maps (where only the centre tap sees the image); lenet5's 5x5 convs and pools need 12
 MIN_IMAGE_SIZE = {"lenet5": 12, "vgg16": 16, "resnet18": 8, "mobilenetv1": 16}

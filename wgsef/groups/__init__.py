@@ -8,6 +8,9 @@
 | depth        | the whole layer (+ bias, BN), only under a shortcut   | layer       |
 | unstructured | each weight                                           | layer       |
 | block        | an r x c tile of the view O x (I*kh*kw)               | layer       |
+| head         | an attention head: its q, k, v rows of a fused qkv    | attention   |
+| mlp          | a hidden unit of Linear -> Linear (filter groups whose | coupled set |
+|              | writers and readers are all Linear layers)            |             |
 """
 from __future__ import annotations
 
@@ -21,13 +24,19 @@ from wgsef.groups.block import block_view, parse_block
 from wgsef.groups.channel import channel_view
 from wgsef.groups.depth import depth_view
 from wgsef.groups.filter import filter_blocks
+from wgsef.groups.head import head_blocks
 from wgsef.groups.layerwise import layerwise_blocks
 from wgsef.groups.shape import shape_view
 from wgsef.groups.trace import LayerTrace, select_layers
 from wgsef.groups.unstructured import unstructured_view
 
-SCHEMES = ("filter", "channel", "shape", "depth", "unstructured", "block")
-TRACED = ("filter", "depth")  # schemes that need a forward pass to find couplings or shortcuts
+SCHEMES = ("filter", "channel", "shape", "depth", "unstructured", "block", "head", "mlp")
+TRACED = ("filter", "depth", "head", "mlp")  # schemes that need a forward pass (couplings, shortcuts, FLOPs)
+
+
+def _is_mlp(cs) -> bool:
+    """A coupled set of hidden units: written and read only by Linear layers."""
+    return bool(cs.readers) and not cs.heads and all(isinstance(m, nn.Linear) for m, _ in cs.writers + cs.readers)
 
 
 def build_groups(model: nn.Module, scheme: str, example_input: Tensor | None = None,
@@ -41,8 +50,10 @@ def build_groups(model: nn.Module, scheme: str, example_input: Tensor | None = N
         raise ValueError(f"scheme '{scheme}' needs example_input to trace the model")
     trace = LayerTrace(model, example_input) if example_input is not None else None
     selected = select_layers(model, layers, trace)
-    if scheme == "filter":
-        blocks = filter_blocks(model, example_input, selected, trace)
+    if scheme in ("filter", "mlp"):
+        blocks = filter_blocks(model, example_input, selected, trace, _is_mlp if scheme == "mlp" else None, scheme)
+    elif scheme == "head":
+        blocks = head_blocks(model, selected, trace)
     else:
         if scheme == "depth":
             view = depth_view(trace)
@@ -54,7 +65,9 @@ def build_groups(model: nn.Module, scheme: str, example_input: Tensor | None = N
         if scheme == "block" and skipped:
             warnings.warn(f"block groups: weights of {', '.join(skipped)} do not tile into {block} blocks; left out")
     if not blocks:
-        hint = " (depth groups need layers with a residual shortcut around them)" if scheme == "depth" else ""
+        hint = {"depth": " (depth groups need layers with a residual shortcut around them)",
+                "head": " (head groups need attention modules with qkv and proj Linear layers and num_heads)",
+                "mlp": " (mlp groups need Linear -> Linear hidden units)"}.get(scheme, "")
         raise ValueError(f"scheme '{scheme}' found no groups among the selected layers{hint}")
     return GroupSet(blocks, scheme=scheme)
 

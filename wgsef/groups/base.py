@@ -3,6 +3,11 @@
 A *member* is one parameter tensor seen through a reshape, with some axes of that view indexing the
 groups: filter groups of a conv weight W[O, I, kh, kw] are the view (O, I*kh*kw) with group axis 0;
 shape groups are the same view with group axis 1; block groups are (O/r, r, C/c, c) with axes (0, 2).
+A member's view groups are the block's groups in order, or, with `index`, view group i is block group
+index[i] (-1: not in this block). Coupled channels that pass a concatenation or a grouped conv need the
+index: a BatchNorm reading a concatenation holds channels of several coupled sets (one member per set,
+each covering its rows), and the channel j of every conv group forms one block group. Entries no member
+covers (the rows of a set left out) belong to no group.
 A *block* is a set of n groups made of one or more members that share the group index (a filter group
 is the conv filter plus its bias and BatchNorm gamma/beta; a residual-coupled channel spans several
 layers). A *GroupSet* concatenates blocks; every operation works on the vector of all group norms.
@@ -31,16 +36,26 @@ class Member:
     param: Tensor
     shape: tuple[int, ...]
     group_axes: tuple[int, ...]
+    index: Tensor | None = None  # block group of each view group (-1: none); None: the identity
 
     def __post_init__(self):
         if prod(self.shape) != self.param.numel():
             raise ValueError(f"member view {self.shape} does not match a parameter of shape {tuple(self.param.shape)}")
         if not self.group_axes or sorted(set(self.group_axes)) != list(self.group_axes):
             raise ValueError(f"group_axes must be increasing and non-empty, got {self.group_axes}")
+        if self.index is not None and self.index.shape != (self.n_groups,):
+            raise ValueError(f"member index has shape {tuple(self.index.shape)}, expected ({self.n_groups},)")
 
     @property
     def n_groups(self) -> int:
+        """Groups of the view (block groups when there is no index)."""
         return prod(self.shape[a] for a in self.group_axes)
+
+    def block_counts(self, n: int) -> Tensor:
+        """How many of this member's view groups fall in each of the block's n groups."""
+        if self.index is None:
+            return torch.ones(n)
+        return torch.bincount(self.index[self.index >= 0], minlength=n).float()
 
     @property
     def group_size(self) -> int:
@@ -52,8 +67,9 @@ class Member:
         return [self.shape[a] if a in self.group_axes else 1 for a in range(len(self.shape))]
 
     def group_ids(self, offset: int) -> Tensor:
-        """The group (offset + row-major group index) of every parameter entry, in row-major order."""
-        ids = torch.arange(offset, offset + self.n_groups).reshape(self._group_shape)
+        """The group (offset + block group) of every parameter entry in row-major order, -1 where none."""
+        ids = torch.arange(self.n_groups) if self.index is None else self.index.long()
+        ids = torch.where(ids >= 0, ids + offset, -1).reshape(self._group_shape)
         return ids.expand(self.shape).reshape(-1)
 
     def expand(self, per_group: Tensor) -> Tensor:
@@ -67,31 +83,37 @@ class GroupBlock:
     """n groups sharing one index across `members` (usually one layer's groups).
 
     flops: FLOPs the network saves when each group is zero (None if unknown).
+    n_groups: the number of groups; needed when every member has an index.
     """
 
     name: str
     members: list[Member]
     flops: Tensor | None = None
+    n_groups: int | None = None
 
     def __post_init__(self):
-        counts = {m.n_groups for m in self.members}
+        counts = {m.n_groups for m in self.members if m.index is None} | (
+            {self.n_groups} if self.n_groups is not None else set())
         if len(counts) != 1:
             raise ValueError(f"block {self.name}: members disagree on the number of groups {sorted(counts)}")
+        if any(m.index is not None and int(m.index.max()) >= self.n for m in self.members):
+            raise ValueError(f"block {self.name}: a member index points past the block's {self.n} groups")
 
     @property
     def n(self) -> int:
-        return self.members[0].n_groups
+        return self.n_groups if self.n_groups is not None else self.members[0].n_groups
 
     @property
     def sizes(self) -> Tensor:
-        return torch.full((self.n,), float(sum(m.group_size for m in self.members)))
+        return sum(m.block_counts(self.n) * m.group_size for m in self.members)
 
 
 @dataclass
 class GroupSet:
     """All groups of a model, in block order; group j of the set is a slice of every member of its block.
 
-    Each parameter belongs to one member only (an entry is in exactly one group).
+    An entry is in at most one group: a parameter is in one member, or in several members whose indices
+    cover disjoint view groups.
     """
 
     blocks: list[GroupBlock]
@@ -107,8 +129,13 @@ class GroupSet:
             self._bounds.append(self._bounds[-1] + b.n)
         members = [m for b in self.blocks for m in b.members]
         self._params = list({id(m.param): m.param for m in members}.values())
-        if len(self._params) != len(members):
-            raise ValueError("a parameter appears in two members of one group set; each entry must be in one group")
+        if len(self._params) != len(members):  # shared parameters: their members must cover disjoint entries
+            for p in self._params:
+                shared = [m for m in members if m.param is p]
+                if len(shared) > 1 and (any(m.index is None for m in shared) or any(
+                        int(c) > 1 for c in sum((m.group_ids(0) >= 0).int() for m in shared))):
+                    raise ValueError("a parameter entry appears in two members of one group set; "
+                                     "each entry must be in at most one group")
 
     def __len__(self) -> int:
         return self._bounds[-1]
@@ -180,24 +207,27 @@ class GroupSet:
         if factors.shape != (len(self),):
             raise ValueError(f"expected {len(self)} group factors, got shape {tuple(factors.shape)}")
 
-    def _broadcast(self, factors: Tensor) -> list[Tensor]:
+    def _broadcast(self, factors: Tensor, outside: float) -> list[Tensor]:
         """Views (of the scratch buffer, valid until the next call) shaped like each parameter, holding
-        each entry's group factor."""
+        each entry's group factor (`outside` for entries in no group)."""
         flat = self._layout()
-        torch.index_select(factors.to(device=flat.device, dtype=flat.dtype), 0, flat.group_of_entry, out=flat.buffer)
+        factors = factors.to(device=flat.device, dtype=flat.dtype)
+        if flat.n_out > len(self):  # entries in no group keep their value
+            factors = torch.cat([factors, factors.new_full((1,), outside)])
+        torch.index_select(factors, 0, flat.group_of_entry, out=flat.buffer)
         return flat.views
 
     @torch.no_grad()
     def scale_(self, factors: Tensor) -> None:
         """Multiply every group by its factor, in place."""
         self._check(factors)
-        torch._foreach_mul_(self._params, self._broadcast(factors))
+        torch._foreach_mul_(self._params, self._broadcast(factors, 1.0))
 
     @torch.no_grad()
     def scaled(self, factors: Tensor) -> list[Tensor]:
         """New tensors c_g * theta_g, one per parameter in `params()` order (e.g. a penalty's gradient)."""
         self._check(factors)
-        return torch._foreach_mul(self._params, self._broadcast(factors))
+        return torch._foreach_mul(self._params, self._broadcast(factors, 0.0))
 
     def zero_mask(self, tol: float = 0.0) -> Tensor:
         return self.norms() <= tol
@@ -219,8 +249,14 @@ class _Flat:
         if any(p.device != device for p in params):
             raise ValueError("the parameters of a group set must all be on one device")
         self.device, self.dtype = device, dtype
-        member = {id(m.param): (m, lo) for b, lo in zip(groups.blocks, groups._bounds) for m in b.members}
-        gid = torch.cat([member[id(p)][0].group_ids(member[id(p)][1]) for p in params])
+        n = self.n_groups = len(groups)
+        members: dict[int, list[Tensor]] = {}
+        for b, lo in zip(groups.blocks, groups._bounds):
+            for m in b.members:
+                members.setdefault(id(m.param), []).append(m.group_ids(lo))
+        gid = torch.cat([torch.stack(members[id(p)]).amax(0) for p in params])  # disjoint: -1 elsewhere
+        self.n_out = n + int(bool((gid < 0).any()))  # uncovered entries sum into one extra group, dropped
+        gid = torch.where(gid < 0, n, gid)
         index = torch.int32 if gid.numel() < 2**31 else torch.long
         self.group_of_entry = gid.to(device=device, dtype=index)
         self.buffer = torch.empty(gid.numel(), device=device, dtype=dtype)
@@ -233,9 +269,9 @@ class _Flat:
             first = torch.sort(gid, stable=True).indices
             run_gid, run_len = torch.unique_consecutive(gid[first], return_counts=True)
         self._stage(first, run_len)
-        if not torch.equal(run_gid, torch.arange(len(groups))):  # runs of a group are apart: gather them
+        if not torch.equal(run_gid, torch.arange(self.n_out)):  # runs of a group are apart: gather them
             order = torch.sort(run_gid, stable=True).indices
-            self._stage(order, torch.bincount(run_gid, minlength=len(groups)))
+            self._stage(order, torch.bincount(run_gid, minlength=self.n_out))
 
     def _stage(self, order: Tensor | None, lengths: Tensor) -> None:
         on = {"device": self.device}
@@ -250,4 +286,6 @@ class _Flat:
                 x = x.index_select(0, order)
             if lengths is not None:  # unsafe: skip the checks of lengths (ours, checked at build) that read
                 x = torch.segment_reduce(x, "sum", lengths=lengths, unsafe=True)  # the device on the host
+        if self.n_out > self.n_groups:
+            x = x[:self.n_groups]
         return x.clone() if x is per_entry else x

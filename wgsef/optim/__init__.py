@@ -38,3 +38,11 @@ def sgd(model: nn.Module, regularizer: Regularizer, lr: float, momentum: float =
         weight_decay: float = 5e-4, nesterov: bool = False) -> torch.optim.SGD:
     return torch.optim.SGD(param_groups(model, regularizer, weight_decay), lr=lr, momentum=momentum,
                            weight_decay=weight_decay, nesterov=nesterov)
+
+
+def adamw(model: nn.Module, regularizer: Regularizer, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+          eps: float = 1e-8, weight_decay: float = 0.05) -> torch.optim.AdamW:
+    """Plain AdamW (configs/optimizer/adamw.yaml): the transformer recipes' optimizer (Gaudi-GBLR's ViT:
+    lr 5e-4, weight decay 0.05) for dense and GBLR runs."""
+    return torch.optim.AdamW(param_groups(model, regularizer, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
+                             weight_decay=weight_decay)
