@@ -71,6 +71,31 @@ TRAIN := $(PY) -m experiments.train -m
 report = $(PY) scripts/make_table.py $(2) --name table_$(1) --out results && \
 	$(PY) scripts/plot.py $(2) --out results/figures/table_$(1)
 
+# MNIST table, offline on CPUs: one sweep line per method (add a method in one line). Resumable: re-running
+# skips finished runs and continues killed ones; MNIST_SEEDS=0 runs one seed of every method first.
+MNIST_JOBS ?= 2
+MNIST = OMP_NUM_THREADS=1 $(TRAIN) experiment=table_mnist hydra.launcher.n_jobs=$(MNIST_JOBS)
+MNIST_SEEDS ?= 0,1,2
+MNIST_KEPT ?= regularizer.k=0.15,0.3
+MNIST_GL_LAMS ?= 3e-4,1e-3
+MNIST_HSPG_LAMS ?= 6e-3,2e-2
+MNIST_SSL_LAMS ?= 1e-3,1e-2
+reproduce-table-mnist: data ## MNIST table, LeNet-5-Caffe x every method x 3 seeds (~3 h on 2 CPU cores; runs `make data` first)
+	$(MNIST) method=dense seed=$(MNIST_SEEDS)
+	$(MNIST) method=wgsef $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=wgsef_cont $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=wgsef_hspg $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=magnitude $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	# $(MNIST) method=gmp $(MNIST_KEPT) seed=$(MNIST_SEEDS)  # enable once configs/method/gmp.yaml exists
+	$(MNIST) method=group_lasso regularizer.lam=$(MNIST_GL_LAMS) seed=$(MNIST_SEEDS)
+	$(MNIST) method=hspg regularizer.lam=$(MNIST_HSPG_LAMS) seed=$(MNIST_SEEDS)
+	$(MNIST) method=ssl '~regularizer.lams.shape' '+regularizer.lams.channel=1e-3' regularizer.lams.filter=$(MNIST_SSL_LAMS) seed=$(MNIST_SEEDS)
+	$(MNIST) method=srste seed=$(MNIST_SEEDS)
+	$(MNIST) method=gblr regularizer.lam=0.1 regularizer.ratio=0.5 regularizer.target_width=0.15 regularizer.warmup_epochs=2 seed=$(MNIST_SEEDS)
+	$(PY) scripts/make_table.py runs/table_mnist --name mnist --out results
+	$(PY) scripts/plot.py runs/table_mnist --out results/figures/mnist
+	$(PY) scripts/units_per_layer.py runs/table_mnist --out results/mnist_units.md
+
 reproduce-table-fmnist: $(STAMP) ## Fashion-MNIST table: LeNet-5/VGG16/ResNet18/MobileNetV1 x methods x 3 seeds (GPU advised)
 	$(TRAIN) experiment=table_fmnist
 	$(TRAIN) experiment=table_fmnist method=ssl_from_dense
@@ -118,6 +143,9 @@ gpu-check: $(STAMP) ## on one CUDA GPU (< 8 min): CUDA tests, every method one e
 
 bench-hspg: $(STAMP) ## operator calls and host syncs of an HSPG step vs a dense SGD step on VGG16 -> results/hspg_ops.md
 	$(PY) scripts/bench/count_hspg_ops.py
+
+bench-cpu-epoch: $(STAMP) ## LeNet-5-Caffe MNIST epoch: Trainer vs a bare PyTorch loop, each method vs dense (CPU) -> results/cpu_epoch.{csv,md}
+	OMP_NUM_THREADS=1 $(PY) scripts/bench/bench_cpu_epoch.py --data-dir $(DATA_DIR)
 
 bench: bench-prox bench-compaction bench-gblr bench-step bench-hspg ## every CPU benchmark
 
