@@ -16,8 +16,9 @@ def write_idx(path, array: np.ndarray):
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def make_fashion(root, n_train=40, n_test=20):
-    raw = root / "FashionMNIST" / "raw"
+def make_fashion(root, n_train=40, n_test=20, folder="FashionMNIST"):
+    """Random images in torchvision's MNIST-family layout (folder="MNIST" for MNIST)."""
+    raw = root / folder / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("t10k", n_test)):
