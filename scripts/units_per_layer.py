@@ -22,7 +22,8 @@ def units(run_dir) -> list[int] | None:
     if not path.exists():
         return None
     layers = json.loads(torch.load(path, map_location="cpu", weights_only=True)["spec"])["layers"]
-    return [s["out"] if s["type"] == "Conv2d" else s["in"] for s in layers.values() if s["type"] in ("Conv2d", "Linear")]
+    return [s["out"] if s["type"] == "Conv2d" else s["in"] for s in layers.values()
+            if s["type"] in ("Conv2d", "Linear")]
 
 
 def rows(records) -> list[dict]:

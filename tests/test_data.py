@@ -171,8 +171,8 @@ def test_limit_keeps_the_first_examples(tmp_path, no_checksum, loader, name):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
-        build_loaders("mnist")
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        build_loaders("svhn")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         build_loaders("digits", batch_size=0)
     with pytest.raises(ValueError, match="dataset.loader must be one of device, dataloader"):

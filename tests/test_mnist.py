@@ -216,3 +216,32 @@ def test_lenet5_caffe_compacts_to_the_published_widths_exactly(conv_relu):
     assert widths["classifier.1"] == [500, 12 * 4 * 4] and widths["classifier.3"] == [10, 500]
     with torch.no_grad():
         assert (model(x) - small(x)).abs().max().item() <= 1e-5
+
+
+def test_units_per_layer_reads_the_compact_models(tmp_path):
+    """scripts/units_per_layer.py: conv filters and linear inputs of each run's compact.pt, mean over seeds."""
+    import json
+    import sys
+
+    from wgsef.compress import save_compact
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import units_per_layer
+
+    x = torch.randn(1, 1, 28, 28)
+    for seed, keep2 in ((0, 12), (1, 14)):
+        model = build("lenet5_caffe", 10, 1, 28).eval()
+        with torch.no_grad():
+            model.features[0].weight[3:] = 0
+            model.features[0].bias[3:] = 0
+            model.features[3].weight[keep2:] = 0
+            model.features[3].bias[keep2:] = 0
+        run = tmp_path / "runs" / f"seed{seed}"
+        run.mkdir(parents=True)
+        save_compact(compact(model, x), run / "compact.pt",
+                     {"name": "lenet5_caffe", "num_classes": 10, "in_channels": 1, "image_size": 28})
+        (run / "summary.json").write_text(json.dumps({"status": "completed", "method": "m", "seed": seed,
+                                                      "dataset": "mnist", "model": "lenet5_caffe"}))
+        (run / "config.yaml").write_text(f"seed: {seed}\n")
+    units_per_layer.main([str(tmp_path / "runs"), "--out", str(tmp_path / "units.md")])
+    text = (tmp_path / "units.md").read_text()
+    assert "| lenet5_caffe | m | - | 2 | 3-13-208-500 | seed 0: 3-12-192-500; seed 1: 3-14-224-500 |" in text

@@ -23,7 +23,9 @@ def train(*args, cwd=ROOT, driver: str | None = None):
 
 BAD = [
     (["model=alexnet"], "unknown model 'alexnet'; choose one of"),
-    (["dataset=mnist"], "unknown dataset 'mnist'; choose one of"),
+    (["dataset=svhn"], "unknown dataset 'svhn'; choose one of"),
+    (["dataset=mnist", "dataset.root=/nonexistent", "dataset.download=false"],
+     "mnist not found in /nonexistent/MNIST/raw (dataset.download=false); run `make data`"),
     (["regularizer=l0"], "unknown regularizer 'l0'; choose one of"),
     (["optimizer=adamw"], "unknown optimizer 'adamw'; choose one of"),
     (["scheduler=linear"], "unknown scheduler 'linear'; choose one of"),
