@@ -148,7 +148,7 @@ gpu-check: $(STAMP) ## on one CUDA GPU (< 8 min): CUDA tests, every method one e
 bench-hspg: $(STAMP) ## operator calls and host syncs of an HSPG step vs a dense SGD step on VGG16 -> results/hspg_ops.md
 	$(PY) scripts/bench/count_hspg_ops.py
 
-bench-cpu-epoch: $(STAMP) ## LeNet-5-Caffe MNIST epoch: Trainer vs a bare PyTorch loop, each method vs dense (CPU) -> results/cpu_epoch.{csv,md}
+bench-cpu-epoch: $(STAMP) ## CPU epoch of LeNet-5-Caffe/MNIST: Trainer vs bare loop, methods vs dense -> results/cpu_epoch.*
 	OMP_NUM_THREADS=1 $(PY) scripts/bench/bench_cpu_epoch.py --data-dir $(DATA_DIR)
 
 bench: bench-prox bench-compaction bench-gblr bench-step bench-hspg ## every CPU benchmark
