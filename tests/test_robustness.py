@@ -39,6 +39,7 @@ BAD = [
     (["dataset=fashion_mnist", "dataset.root=/nonexistent", "dataset.download=false"], "fashion_mnist not found"),
     (["dataset.image_size=4"], "lenet5 needs images of at least 12x12 pixels"),
     (["model=nonsense,lenet5"], "unknown model 'nonsense'"),
+    (["model=lenet5_caffe", "model.width=0.04"], "model.width must be a number >= 1/20"),  # its own base, not lenet5's
     (["method=gblr", "optimizer=hspg", "optimizer.n_p=1"], "optimizer hspg needs a group penalty regularizer"),
     (["method=srste", "optimizer=prox_sgd"], "optimizer prox_sgd needs a group penalty regularizer"),
     (["method=ssl", "model=vgg16", "model.width=0.125", "~regularizer.lams.shape", "+regularizer.lams.depth=1e-3"],
