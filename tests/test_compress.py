@@ -7,14 +7,14 @@ from wgsef.compress import compact, load_compact, save_compact, zero_random_grou
 from wgsef.models import build
 
 SIDE = 16
-MODELS = {"lenet5": 1, "vgg16": 3, "resnet18": 3, "mobilenetv1": 3}  # name -> input channels
-CLASSIFIER = {"lenet5": "classifier.5", "vgg16": "classifier.3", "resnet18": "fc", "mobilenetv1": "fc"}
+MODELS = {"lenet5": 1, "lenet5_caffe": 1, "vgg16": 3, "resnet18": 3, "mobilenetv1": 3}  # name -> input channels
+CLASSIFIER = {"lenet5": "classifier.5", "lenet5_caffe": "classifier.3", "vgg16": "classifier.3", "resnet18": "fc", "mobilenetv1": "fc"}
 
 
 def make(name, seed=0):
     """A width-0.25 model in eval mode with random BN affine params and running statistics."""
     torch.manual_seed(seed)
-    kwargs = {} if name == "lenet5" else {"width": 0.25}
+    kwargs = {} if name.startswith("lenet5") else {"width": 0.25}
     model = build(name, num_classes=10, in_channels=MODELS[name], image_size=SIDE, **kwargs).eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):

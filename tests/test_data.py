@@ -16,8 +16,9 @@ def write_idx(path, array: np.ndarray):
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def make_fashion(root, n_train=40, n_test=20):
-    raw = root / "FashionMNIST" / "raw"
+def make_fashion(root, n_train=40, n_test=20, folder="FashionMNIST"):
+    """Random images in torchvision's MNIST-family layout (folder="MNIST" for MNIST)."""
+    raw = root / folder / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("t10k", n_test)):
@@ -170,8 +171,8 @@ def test_limit_keeps_the_first_examples(tmp_path, no_checksum, loader, name):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
-        build_loaders("mnist")
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        build_loaders("svhn")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         build_loaders("digits", batch_size=0)
     with pytest.raises(ValueError, match="dataset.loader must be one of device, dataloader"):

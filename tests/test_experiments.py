@@ -71,9 +71,10 @@ def test_experiment_composes(experiment):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    """Tiny Fashion-MNIST, CIFAR-10 and CIFAR-100 files in their real on-disk formats."""
+    """Tiny MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 files in their real on-disk formats."""
     root = tmp_path_factory.mktemp("data")
     make_fashion(root, n_train=20, n_test=10)
+    make_fashion(root, n_train=20, n_test=10, folder="MNIST")
     make_cifar(root, "cifar10", n=4)  # 5 training batches of 4 images
     make_cifar(root, "cifar100", n=20)
     return root

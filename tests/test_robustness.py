@@ -23,7 +23,9 @@ def train(*args, cwd=ROOT, driver: str | None = None):
 
 BAD = [
     (["model=alexnet"], "unknown model 'alexnet'; choose one of"),
-    (["dataset=mnist"], "unknown dataset 'mnist'; choose one of"),
+    (["dataset=svhn"], "unknown dataset 'svhn'; choose one of"),
+    (["dataset=mnist", "dataset.root=/nonexistent", "dataset.download=false"],
+     "mnist not found in /nonexistent/MNIST/raw (dataset.download=false); run `make data`"),
     (["regularizer=l0"], "unknown regularizer 'l0'; choose one of"),
     (["optimizer=adamw"], "unknown optimizer 'adamw'; choose one of"),
     (["scheduler=linear"], "unknown scheduler 'linear'; choose one of"),
@@ -37,6 +39,7 @@ BAD = [
     (["dataset=fashion_mnist", "dataset.root=/nonexistent", "dataset.download=false"], "fashion_mnist not found"),
     (["dataset.image_size=4"], "dataset.image_size=4 is too small for model lenet5: it needs images of at least 12x12"),
     (["model=nonsense,lenet5"], "unknown model 'nonsense'"),
+    (["model=lenet5_caffe", "model.width=0.04"], "model.width must be a number >= 1/20"),  # its own base, not lenet5's
     (["method=gblr", "optimizer=hspg", "optimizer.n_p=1"], "optimizer hspg needs a group penalty regularizer"),
     (["method=srste", "optimizer=prox_sgd"], "optimizer prox_sgd needs a group penalty regularizer"),
     (["method=ssl", "model=vgg16", "model.width=0.125", "~regularizer.lams.shape", "+regularizer.lams.depth=1e-3"],

@@ -59,7 +59,7 @@ def layers(model, kind):
     return [mod for mod in model.modules() if isinstance(mod, kind)]
 
 
-@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (1, 2)])
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (1, 2), (4, 16)])
 @pytest.mark.parametrize("shape", [(5, 16), (4, 8, 3, 3), (3, 10, 2, 1), (6, 7), (2, 3, 1, 1)])
 def test_nm_mask_matches_brute_force(n, m, shape):
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(n * 100 + m))
@@ -67,6 +67,16 @@ def test_nm_mask_matches_brute_force(n, m, shape):
     assert mask.dtype == torch.bool and mask.shape == weight.shape
     assert torch.equal(mask, brute_force_mask(weight, n, m))
     assert (blocks_nonzeros(weight * mask, m) <= n).all()
+
+
+@pytest.mark.parametrize("m", [4, 16])
+def test_nm_mask_ties_go_to_the_earlier_weight(m):
+    """Equal magnitudes: exactly n kept per block (the first ones on the comparison path, m <= 8)."""
+    weight = torch.tensor([[1.0, -1.0] * m])  # two blocks of equal magnitudes
+    mask = nm_mask(weight, 2, m)
+    assert mask.view(2, m).sum(1).tolist() == [2, 2]
+    if m <= 8:
+        assert mask.view(2, m)[:, :2].all()
 
 
 def test_nm_pattern_counts_by_hand():

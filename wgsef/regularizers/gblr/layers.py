@@ -38,7 +38,7 @@ def _round_ste(x: Tensor, n: int | Tensor, clamp: bool) -> Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _constants(spec: tuple[tuple[int, int], ...], sigma: float, dtype: torch.dtype, device: torch.device):
-    """For rows grouped by mask length (spec: (n, rows) per group): the shared frequencies -i pi f,
+    """For rows grouped by mask length (spec: (n, rows) per group): the shared frequencies f and -pi f,
     f = 0..max(n)//2, and per row exp(-f^2 / (2 sigma^2)) / sinc(f / n) and 1/n."""
     f = torch.arange(max(n for n, _ in spec) // 2 + 1, dtype=torch.float64)
     gains, inv_n = [], []
@@ -47,7 +47,7 @@ def _constants(spec: tuple[tuple[int, int], ...], sigma: float, dtype: torch.dty
         gains.append(gain.masked_fill(f > n // 2, 0.0).expand(rows, -1))
         inv_n.append(torch.full((rows, 1), 1.0 / n, dtype=torch.float64))
     f = f.to(device, dtype)
-    return (f, f * (-1j * math.pi), torch.cat(gains).to(device, dtype),
+    return (f, f * -math.pi, torch.cat(gains).to(device, dtype),
             torch.cat(inv_n).to(device, dtype))
 
 
@@ -57,11 +57,13 @@ def gaudi_masks(spec: tuple[tuple[int, int], ...], width: Tensor, location: Tens
     n_g, c_g rows) contiguous in spec order -> [(c_g, n_g)]. One elementwise pass builds every row's
     spectrum (padded to the longest), then one inverse real FFT per distinct length. No rounding here
     (see gaudi_mask's `ste`); `hard` as in gaudi_mask."""
-    f, neg_i_pi_f, gain, inv_n = _constants(spec, float(sigma), width.dtype, width.device)
+    f, neg_pi_f, gain, inv_n = _constants(spec, float(sigma), width.dtype, width.device)
     w, l = width[:, None], location[:, None]
     if hard:
         w = torch.where(w.abs() > inv_n, w, 0.0)
-    spectrum = (w * torch.sinc(w * f) * gain) * torch.exp((2 * l + w - inv_n) * neg_i_pi_f)
+    # amplitude * exp(i phase) as cos + i sin: a complex exp is ~9x slower on CPU (GBLR builds these every step)
+    amplitude, phase = w * torch.sinc(w * f) * gain, (2 * l + w - inv_n) * neg_pi_f
+    spectrum = torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
     masks, start = [], 0
     for n, rows in spec:
         mask = torch.fft.irfft(spectrum[start:start + rows, :n // 2 + 1], n=n, dim=-1, norm="forward")
