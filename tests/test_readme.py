@@ -14,8 +14,6 @@ import readme_table  # noqa: E402
 
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
-# pages linked from the README that other branches write; remove a name once its page is merged
-PENDING = {"run-directories.md", "metrics.md", "mnist.md", "what_wgsef_adds.md", "models.md"}
 
 
 def readme_example() -> str:
@@ -135,7 +133,7 @@ def test_pages_name_only_existing_config_keys(page):
 def test_relative_links_resolve(page):
     for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", page.read_text()):
         path = (page.parent / target).resolve()
-        assert path.exists() or path.name in PENDING, f"{page.name}: link to {target} is broken"
+        assert path.exists(), f"{page.name}: link to {target} is broken"
 
 
 def test_readme_is_a_landing_page():
