@@ -101,8 +101,8 @@ BAD = [  # (overrides, the start of the one line that must name the key)
     (["trainer.epoch=2"], "unknown key trainer.epoch (did you mean trainer.epochs?); trainer has: epochs"),
     (["measure.repeat=2"], "unknown key measure.repeat (did you mean measure.repeats?)"),
     (["regularizer.k=0.5"], "regularizer.k is not a key of the chosen regularizer: it belongs to regularizer=wgsef "
-                            "(method=magnitude, wgsef, wgsef_cont, wgsef_hspg); choose one of those, e.g. "
-                            "method=magnitude regularizer.k=..."),
+                            "(method=gmp, magnitude, wgsef, wgsef_cont, wgsef_hspg); choose one of those, e.g. "
+                            "method=gmp regularizer.k=..."),
     (["method=dense", "regularizer.lam=0.1"], "regularizer.lam is not a key of the chosen regularizer: it belongs to "
                                               "regularizer=gblr, group_lasso, wgsef (method="),
     (["method=wgsef", "regularizer.lamda=0.1"], "unknown key regularizer.lamda (did you mean regularizer.lam?)"),

@@ -115,5 +115,6 @@ def test_digits_run_writes_compact_onnx_and_ort_latency(tmp_path, monkeypatch):
         assert summary[f"latency_ms_ort_cpu_b{b}_compact"] > 0 and summary[f"speedup_ort_cpu_b{b}"] > 0
     assert (tmp_path / "compact.onnx").stat().st_size > 1000
     # exactly the files the README's run-directory table documents (no empty train.log)
-    assert {p.name for p in tmp_path.iterdir()} == {".hydra", "config.yaml", "metrics.csv", "summary.json",
-                                                    "checkpoints", "compact.pt", "compact.json", "compact.onnx"}
+    assert {p.name for p in tmp_path.iterdir()} == {".hydra", ".wgsef-run", "config.yaml", "metrics.csv",
+                                                    "summary.json", "checkpoints", "compact.pt", "compact.json",
+                                                    "compact.onnx"}

@@ -39,7 +39,7 @@ def float_str(x: str) -> str:
 
 
 def metrics(run_dir: Path) -> pd.DataFrame:
-    return pd.read_csv(run_dir / "metrics.csv").drop(columns="time")
+    return pd.read_csv(run_dir / "metrics.csv").drop(columns="time_s")
 
 
 @pytest.fixture(scope="module")

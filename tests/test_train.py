@@ -17,7 +17,7 @@ def test_digits_lenet_accuracy(make_cfg, tmp_path):
     assert summary["test_acc"] >= 0.90, summary
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert list(metrics.epoch) == list(range(1, 13))
-    assert {"train_loss", "train_acc", "val_acc", "test_acc", "lr", "time"} <= set(metrics.columns)
+    assert {"train_loss", "train_acc", "val_acc", "test_acc", "lr", "time_s"} <= set(metrics.columns)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["best_val"]["epoch"] == int(metrics.val_acc.idxmax()) + 1
     assert {"seed", "git_commit", "wall_time_s"} <= set(on_disk)
@@ -31,7 +31,7 @@ def _final_state(run_dir):
 @pytest.mark.parametrize("loader", ["device", "dataloader"])
 def test_resume_matches_uninterrupted(full_and_resumed, loader):
     full_dir, cut_dir = full_and_resumed(*FAST, "trainer.epochs=3", f"dataset.loader={loader}")
-    full, cut = (pd.read_csv(d / "metrics.csv").drop(columns="time") for d in (full_dir, cut_dir))
+    full, cut = (pd.read_csv(d / "metrics.csv").drop(columns="time_s") for d in (full_dir, cut_dir))
     pd.testing.assert_frame_equal(full, cut)
     a, b = _final_state(full_dir), _final_state(cut_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
