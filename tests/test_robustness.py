@@ -27,7 +27,7 @@ BAD = [
     (["dataset=mnist", "dataset.root=/nonexistent", "dataset.download=false"],
      "mnist not found in /nonexistent/MNIST/raw (dataset.download=false); run `make data`"),
     (["regularizer=l0"], "unknown regularizer 'l0'; choose one of"),
-    (["optimizer=adamw"], "unknown optimizer 'adamw'; choose one of"),
+    (["optimizer=lion"], "unknown optimizer 'lion'; choose one of"),
     (["scheduler=linear"], "unknown scheduler 'linear'; choose one of"),
     (["logger=tensorboard"], "unknown logger 'tensorboard'; choose one of"),
     (["trainer.batch_size=0"], "trainer.batch_size must be an integer >= 1"),
