@@ -1,10 +1,10 @@
 """Copy a generated markdown table into a markdown page between its marker comments.
 
-    python scripts/readme_table.py results/demo_at_k.md README.md demo-at-k
+    python scripts/readme_table.py results/demo_pairs.md README.md demo-pairs
     python scripts/readme_table.py results/demo.md docs/results.md
 
 The block is the name in the markers `<!-- NAME:start -->` / `<!-- NAME:end -->` (default: demo-table).
-`make demo` and `make readme-table` run both lines above.
+`make demo` and `make readme-table` run these (and the at-k table into docs/results.md, block demo-at-k).
 
 The page then shows exactly what the table script wrote; nothing in it is typed by hand.
 """

@@ -114,7 +114,7 @@ def test_digits_run_writes_compact_onnx_and_ort_latency(tmp_path, monkeypatch):
     for b in (1, 64):
         assert summary[f"latency_ms_ort_cpu_b{b}_compact"] > 0 and summary[f"speedup_ort_cpu_b{b}"] > 0
     assert (tmp_path / "compact.onnx").stat().st_size > 1000
-    # exactly the files the README's run-directory table documents (no empty train.log)
+    # exactly the files README's "One run" listing documents (no empty train.log)
     assert {p.name for p in tmp_path.iterdir()} == {".hydra", ".wgsef-run", "config.yaml", "metrics.csv",
                                                     "summary.json", "checkpoints", "compact.pt", "compact.json",
                                                     "compact.onnx"}

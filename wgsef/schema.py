@@ -1,4 +1,4 @@
-"""The typed schema of a training config, checked before any work (README "Config checks").
+"""The typed schema of a training config, checked before any work (docs/configs.md).
 
 `validate(cfg, hydra)` raises `ConfigError` (a ValueError: the command line prints its one line and exits 2)
 naming the first bad key and the values it allows. Three layers:
