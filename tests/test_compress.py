@@ -8,7 +8,8 @@ from wgsef.models import build
 
 SIDE = 16
 MODELS = {"lenet5": 1, "lenet5_caffe": 1, "vgg16": 3, "resnet18": 3, "mobilenetv1": 3}  # name -> input channels
-CLASSIFIER = {"lenet5": "classifier.5", "lenet5_caffe": "classifier.3", "vgg16": "classifier.3", "resnet18": "fc", "mobilenetv1": "fc"}
+CLASSIFIER = {"lenet5": "classifier.5", "lenet5_caffe": "classifier.3", "vgg16": "classifier.3", "resnet18": "fc",
+              "mobilenetv1": "fc"}
 
 
 def make(name, seed=0):

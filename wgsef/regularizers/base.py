@@ -84,7 +84,9 @@ class GroupPenalty(Regularizer):
         optimizer's weight decay like every other parameter, and the penalty is added to it, never
         substituted. `weight_decay` (a number) gives them that weight decay instead (0: the penalty alone,
         OTO's convention and this project's former rule for lam > 0)."""
-        return [] if self.weight_decay is None else [{"params": self.groups.params(), "weight_decay": self.weight_decay}]
+        if self.weight_decay is None:
+            return []
+        return [{"params": self.groups.params(), "weight_decay": self.weight_decay}]
 
     def norm_value(self, a: Tensor) -> Tensor:
         raise NotImplementedError
