@@ -562,6 +562,8 @@ def test_compare_at_k_paired_intervals_match_a_hand_computation(tmp_path):
         assert low == pytest.approx(mean - t * sd / math.sqrt(5), abs=0.006)
         assert high == pytest.approx(mean + t * sd / math.sqrt(5), abs=0.006)
         assert cells[5] == verdict
+    control = pairs["gmp (k=0.25) − magnitude (k=0.25)"]  # the control against the one-shot cut: 2, -4, 0, -3, -1 pp
+    assert control[2] == "5" and float(control[3]) == pytest.approx(-1.2, abs=0.005)
     assert compare_at_k.paired_interval([1.0, 2.0, 1.0, 2.0, 1.0])[1] == pytest.approx(1.4 - t * math.sqrt(0.3 / 5),
                                                                                        rel=1e-6)
     assert "| 0.25 | hspg | - | - | did not reach the target (collapsed: lam=0.004 keeps 0.24" in text
