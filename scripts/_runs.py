@@ -273,18 +273,19 @@ def target_note(rows: pd.DataFrame) -> str:
 def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model, method, setting) over the completed runs: its series, n_runs, n_seeds
     (distinct seeds), mean and sample std (ddof=1; NaN for one run) of every metric and of the kept fraction,
-    the target, on_target (every run on target) with a target_note saying why not, and the flops_only
-    structures."""
+    the target, n_collapsed (its collapsed runs), on_target (every run on target) with a target_note saying
+    why not, and the flops_only structures."""
     done = records[records["status"] == "completed"]
     notes = ["flops_only", "onnx"]
     stat_cols = [*METRICS, "kept"]
     columns = [*KEYS, "series", "n_runs", "n_seeds", *(f"{m}_{s}" for m in stat_cols for s in ("mean", "std")),
-               "target_kept", "on_target", "target_note", *notes]
+               "target_kept", "n_collapsed", "on_target", "target_note", *notes]
     if done.empty:
         return pd.DataFrame(columns=columns)
     groups = done.groupby(KEYS, sort=True)
     table = groups.agg(series=("series", "first"), n_runs=("run", "size"), n_seeds=("seed", "nunique"),
-                       target_kept=("target_kept", "first"), on_target=("on_target", "all"))
+                       target_kept=("target_kept", "first"), n_collapsed=("collapsed", "sum"),
+                       on_target=("on_target", "all"))
     stats = groups[stat_cols].agg(["mean", "std"])
     stats.columns = [f"{m}_{s}" for m, s in stats.columns]
     table["target_note"] = groups[["collapsed", "on_target", "kept", "target_kept"]].apply(target_note)

@@ -4,8 +4,8 @@
 
 From a make_table CSV, one block per kept fraction of groups. k-based methods (wgsef, wgsef_cont, gmp,
 magnitude, wgsef+hspg) sit at their k; lambda-based ones (group lasso, HSPG) at the target nearest to their
-measured kept fraction (1 - group sparsity), when within --tolerance. A row whose mean final accuracy is
-below --collapse times dense's has collapsed. A method that has no row on a target without collapsing gets
+measured kept fraction (1 - group sparsity), when within --tolerance. A row with a collapsed run (final test
+accuracy at most 2 x chance: the one definition, scripts/_runs.py and docs/metrics.md) is not placed. A method that has no row on a target without collapsing gets
 one row saying "did not reach the target" (and its nearest attempt) instead of a number. Dense is the
 reference line. SSL (its sparsity pools filter and shape groups), SR-STE and GBLR have no comparable kept
 fraction of filter groups and are left out.
@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from _runs import MD_COLUMNS, PLACE_TOLERANCE, _mean_std, command_line
+from _runs import COLLAPSE_FACTOR, MD_COLUMNS, PLACE_TOLERANCE, _mean_std, command_line
 
 NOT_COMPARED = {"dense", "ssl", "srste", "gblr"}
 K_SETTING = re.compile(r"(?:^|, )k=([0-9.]+)")
@@ -44,12 +44,12 @@ def kept_fraction(row) -> tuple[float, str]:
     return 1 - row["group_sparsity_mean"], "measured"
 
 
-def placed(table: pd.DataFrame, targets, tolerance: float, floor: float) -> pd.DataFrame:
+def placed(table: pd.DataFrame, targets, tolerance: float) -> pd.DataFrame:
     """Every row with its kept fraction, nearest target and `on_target` (within tolerance, not collapsed)."""
     rows = table[table["group_sparsity_mean"].notna()].copy()
     rows[["kept", "kept_from"]] = rows.apply(lambda r: pd.Series(kept_fraction(r)), axis=1)
     rows["target"] = rows["kept"].map(lambda kept: min(targets, key=lambda t: abs(t - kept)))
-    rows["collapsed"] = rows["final_test_acc_mean"] < floor
+    rows["collapsed"] = rows["n_collapsed"] > 0
     rows["on_target"] = ((rows["kept"] - rows["target"]).abs() <= tolerance) & ~rows["collapsed"]
     return rows
 
@@ -126,12 +126,12 @@ def table_lines(head: list[str], rows: list[list]) -> list[str]:
 
 
 def markdown(rows: pd.DataFrame, misses: list[dict], dense: pd.DataFrame, pairs: list[list[str]] | None,
-             collapse: float, runs_path: str, command: str) -> str:
+             runs_path: str, command: str) -> str:
     lines = [f"<!-- command: {command} -->", "",
              "Kept fraction of groups: k for k-based methods, 1 − group sparsity (mean over seeds) for "
              "λ-based ones. Accuracy is the final model's test accuracy, mean ± sample std over seeds. "
              f"\"{MISSED}\": no setting of the method kept that fraction (within the tolerance) without "
-             f"collapsing (mean accuracy below {collapse:g} × dense's)."]
+             f"a collapsed run (final test accuracy at most {COLLAPSE_FACTOR:g} × chance)."]
     for _, d in dense.iterrows():
         lines += ["", f"Dense reference ({d['dataset']} / {d['model']}, seeds: {d['n_seeds']}): "
                       f"{pm(d, 'final_test_acc')} %."]
@@ -170,17 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", help="its per-run CSV (default: <table stem>_runs.csv beside it)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--tolerance", type=float, default=PLACE_TOLERANCE, help="largest |kept - target| shown")
-    parser.add_argument("--collapse", type=float, default=0.5,
-                        help="a row below this fraction of dense's mean accuracy has collapsed")
     args = parser.parse_args(argv)
     try:
         table = pd.read_csv(args.table, comment="#", keep_default_na=True)
     except FileNotFoundError:
         parser.exit(2, f"error: {args.table} not found: run scripts/make_table.py first\n")
+    if "n_collapsed" not in table:
+        parser.exit(2, f"error: {args.table} has no n_collapsed column: re-run scripts/make_table.py on its runs\n")
     table["setting"] = table["setting"].fillna("")
     dense = table[table["method"] == "dense"]
-    floor = args.collapse * dense["final_test_acc_mean"].mean() if not dense.empty else 0.0
-    rows = placed(table[~table["method"].isin(NOT_COMPARED)], args.targets, args.tolerance, floor)
+    rows = placed(table[~table["method"].isin(NOT_COMPARED)], args.targets, args.tolerance)
     runs_path = args.runs or str(Path(args.table).with_name(Path(args.table).stem + "_runs.csv"))
     pairs = None
     if Path(runs_path).exists():
@@ -188,8 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         runs["setting"] = runs["setting"].fillna("")
         pairs = paired_rows(at_targets(rows), runs, args.targets)
     command = command_line("scripts/compare_at_k.py", argv)
-    text = markdown(at_targets(rows), missed(rows, args.targets, args.tolerance), dense, pairs, args.collapse,
-                    runs_path, command)
+    text = markdown(at_targets(rows), missed(rows, args.targets, args.tolerance), dense, pairs, runs_path, command)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     if args.pairs_out:

@@ -409,7 +409,8 @@ def test_compare_at_k_places_each_method_at_its_kept_fraction(tmp_path):
         return {"dataset": "digits", "model": "vgg16", "method": method, "setting": setting, "n_runs": 3,
                 "n_seeds": 3, "final_test_acc_mean": acc, "final_test_acc_std": std,
                 "group_sparsity_mean": sparsity, "group_sparsity_std": 0.0, "flops_reduction_mean": 2.0,
-                "flops_reduction_std": 0.1, "speedup_cpu_b64_mean": 1.5, "speedup_cpu_b64_std": float("nan")}
+                "flops_reduction_std": 0.1, "speedup_cpu_b64_mean": 1.5, "speedup_cpu_b64_std": float("nan"),
+                "n_collapsed": int(acc <= 0.2)}
     rows = [row("dense", "", float("nan"), 0.97), row("wgsef", "k=0.25, lam=0.001", 0.75, 0.95, 0.01),
             row("magnitude", "k=0.5", 0.5, 0.96), row("group_lasso", "lam=0.01", 0.30, 0.93),
             row("group_lasso", "lam=0.1", 0.99, 0.10), row("ssl", "filter=0.02", 0.5, 0.97)]
@@ -423,6 +424,14 @@ def test_compare_at_k_places_each_method_at_its_kept_fraction(tmp_path):
     misses = {(cells[0].strip("| "), cells[1]) for cells in body if compare_at_k.MISSED in cells[4]}
     assert misses == {("0.25", "group_lasso"), ("0.50", "group_lasso")}  # a lambda method tries every target
     assert "95.00 ± 1.00" in (tmp_path / "t.md").read_text() and "Dense reference" in (tmp_path / "t.md").read_text()
+    rows[1]["n_collapsed"] = 1  # one collapsed run of three: the row is not placed, whatever its mean
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    compare_at_k.main([str(csv), "--out", str(tmp_path / "t.md")])
+    assert "| 0.25 | wgsef | - | - | did not reach the target (collapsed: k=0.25" in (tmp_path / "t.md").read_text()
+    pd.DataFrame(rows).drop(columns="n_collapsed").to_csv(csv, index=False)
+    with pytest.raises(SystemExit) as e:  # a table from before n_collapsed: one line saying what to do
+        compare_at_k.main([str(csv), "--out", str(tmp_path / "t.md")])
+    assert e.value.code == 2
 
 
 def demo_records():
@@ -545,6 +554,7 @@ def test_compare_at_k_paired_intervals_match_a_hand_computation(tmp_path):
     table = table.reset_index().rename(columns={"mean": "final_test_acc_mean", "std": "final_test_acc_std",
                                                 "size": "n_seeds"})
     table["group_sparsity_mean"] = table["method"].map(lambda m: sparsity.get(m, 0.75))
+    table["n_collapsed"] = (table["method"] == "hspg") * 5  # 10 % on 10 classes: at most 2 x chance
     for col in ("flops_reduction", "speedup_cpu_b64"):
         table[f"{col}_mean"], table[f"{col}_std"] = 2.0, 0.1
     table.to_csv(tmp_path / "demo.csv", index=False)
