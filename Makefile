@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: help install test test-slow data demo demo-train demo-weight-decay models-digits reproduce-vit-cifar10 readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step bench-cpu-epoch gpu-check clean \
+.PHONY: help install test test-slow data demo demo-train demo-report demo-weight-decay mnist-report models-digits reproduce-vit-cifar10 readme-table bench bench-prox bench-compaction bench-gblr bench-nm bench-hspg bench-step bench-cpu-epoch gpu-check clean \
 	reproduce-table-mnist reproduce-table-fmnist reproduce-table-cifar10 reproduce-table-cifar100 reproduce-table-nm reproduce-table-gblr
 
 help: ## list the targets
@@ -59,13 +59,16 @@ demo-train: $(STAMP) ## the demo's runs only (resumable: completed runs are kept
 	$(DEMO) method=hspg regularizer.weights=sqrt_size optimizer.stage1=prox optimizer.lr=0.1 regularizer.lam=$(HSPG_LAMS)
 	$(DEMO) method=wgsef_hspg optimizer.lr=0.1 regularizer.lam=$(WGSEF_HSPG_LAM) $(KEPT)
 
-demo: demo-train ## the main job, offline: every method on digits (VGG16 x0.25) at matched sparsity, 5 seeds for the paired comparisons; results/demo*.{csv,md} + figures
+demo: $(STAMP) ## the main job, offline: every method on digits (VGG16 x0.25) at matched sparsity, 5 seeds for the paired comparisons; results/demo*.{csv,md} + figures
+	@start=$$(date +%s); $(MAKE) --no-print-directory demo-train demo-report && s=$$(( $$(date +%s) - start )) && \
+	printf '<!-- command: make demo -->\n\n%s\n' "make demo: $$((s / 60)) min $$((s % 60)) s of wall time on \
+	$$(nproc) cores, $$(date -u +%F) (a resumed demo counts only the runs this invocation trained)" > results/demo_time.md
+
+demo-report: $(STAMP) ## the demo's tables, figures and paired comparison from runs/demo, spliced into the pages
 	$(PY) scripts/make_table.py runs/demo --name demo --out results
 	$(PY) scripts/plot.py runs/demo --out results/figures/demo
 	$(PY) scripts/compare_at_k.py results/demo.csv --out results/demo_at_k.md --pairs-out results/demo_pairs.md
-	$(PY) scripts/readme_table.py results/demo.md docs/results.md
-	$(PY) scripts/readme_table.py results/demo_at_k.md docs/results.md demo-at-k
-	$(PY) scripts/readme_table.py results/demo_pairs.md README.md demo-pairs
+	$(MAKE) --no-print-directory readme-table
 
 # What the one weight-decay rule changes for the pruning controls: magnitude and gmp with no weight decay on
 # the grouped parameters (regularizer.weight_decay=0, the penalties' former convention), seeds paired with
@@ -103,10 +106,11 @@ reproduce-vit-cifar10: $(STAMP) ## ViT-S on CIFAR-10 (Gaudi-GBLR's official mode
 notebook: $(STAMP) ## execute notebooks/analysis.ipynb into notebooks/executed/ (INPLACE=1: into the tracked file); WGSEF_RUNS=... from the repo root
 	$(PY) scripts/run_notebook.py $(if $(filter 1,$(INPLACE)),--inplace)
 
-readme-table: $(STAMP) ## splice results/demo_pairs.md into README.md, results/demo{,_at_k}.md into docs/results.md (make demo does this)
+readme-table: $(STAMP) ## splice results/demo_pairs.md into README.md and docs/what_wgsef_adds.md, results/demo{,_at_k}.md into docs/results.md (make demo does this)
 	$(PY) scripts/readme_table.py results/demo.md docs/results.md
 	$(PY) scripts/readme_table.py results/demo_at_k.md docs/results.md demo-at-k
 	$(PY) scripts/readme_table.py results/demo_pairs.md README.md demo-pairs
+	$(PY) scripts/readme_table.py results/demo_pairs.md docs/what_wgsef_adds.md demo-pairs
 
 # Paper tables: the sweep (resumable: re-run to continue), SSL from the dense runs, then table + figures.
 TRAIN := $(PY) -m experiments.train -m
@@ -114,7 +118,8 @@ report = $(PY) scripts/make_table.py $(2) --name table_$(1) --out results && \
 	$(PY) scripts/plot.py $(2) --out results/figures/table_$(1)
 
 # MNIST table, offline on CPUs: one sweep line per method (add a method in one line). Resumable: re-running
-# skips finished runs and continues killed ones; MNIST_SEEDS=0 runs one seed of every method first.
+# skips finished runs and continues killed ones; MNIST_SEEDS=0 runs one seed of every method first. The lambda
+# methods come first: their first seed says whether the lambdas below land near the target widths.
 MNIST_JOBS ?= 2
 MNIST = OMP_NUM_THREADS=1 $(TRAIN) experiment=table_mnist hydra.launcher.n_jobs=$(MNIST_JOBS)
 MNIST_SEEDS ?= 0,1,2
@@ -128,19 +133,24 @@ MNIST_SSL_TYPES := '~regularizer.lams.shape' '+regularizer.lams.channel=3e-3'
 MNIST_GBLR ?= regularizer.lam=0.1 regularizer.ratio=0.5 regularizer.target_width=0.15 regularizer.warmup_epochs=2
 reproduce-table-mnist: data ## MNIST table: LeNet-5-Caffe x every method x 3 seeds (~3 h on 2 CPU cores)
 	$(MNIST) method=dense seed=$(MNIST_SEEDS)
-	$(MNIST) method=wgsef $(MNIST_KEPT) seed=$(MNIST_SEEDS)
-	$(MNIST) method=wgsef_cont $(MNIST_KEPT) seed=$(MNIST_SEEDS)
-	$(MNIST) method=wgsef_hspg $(MNIST_KEPT) seed=$(MNIST_SEEDS)
-	$(MNIST) method=magnitude $(MNIST_KEPT) seed=$(MNIST_SEEDS)
-	$(MNIST) method=gmp $(MNIST_KEPT) seed=$(MNIST_SEEDS)
 	$(MNIST) method=group_lasso regularizer.lam=$(MNIST_GL_LAMS) seed=$(MNIST_SEEDS)
 	$(MNIST) method=hspg regularizer.lam=$(MNIST_HSPG_LAMS) seed=$(MNIST_SEEDS)
 	$(MNIST) method=ssl $(MNIST_SSL_TYPES) regularizer.lams.filter=$(MNIST_SSL_LAMS) seed=$(MNIST_SEEDS)
-	$(MNIST) method=srste seed=$(MNIST_SEEDS)
 	$(MNIST) method=gblr $(MNIST_GBLR) seed=$(MNIST_SEEDS)
+	$(MNIST) method=wgsef $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=wgsef_cont $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=gmp $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=magnitude $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=wgsef_hspg $(MNIST_KEPT) seed=$(MNIST_SEEDS)
+	$(MNIST) method=srste seed=$(MNIST_SEEDS)
+	$(MAKE) --no-print-directory mnist-report
+
+mnist-report: $(STAMP) ## the MNIST table, figures and units per layer from runs/table_mnist, spliced into docs/mnist.md and README.md
 	$(PY) scripts/make_table.py runs/table_mnist --name mnist --out results
 	$(PY) scripts/plot.py runs/table_mnist --out results/figures/mnist
 	$(PY) scripts/units_per_layer.py runs/table_mnist --out results/mnist_units.md
+	$(PY) scripts/readme_table.py results/mnist_units.md docs/mnist.md mnist-ours
+	$(PY) scripts/readme_table.py results/mnist_units.md README.md mnist-ours
 
 reproduce-table-fmnist: $(STAMP) ## Fashion-MNIST table: LeNet-5/VGG16/ResNet18/MobileNetV1 x methods x 3 seeds (GPU advised)
 	$(TRAIN) experiment=table_fmnist

@@ -1,6 +1,8 @@
-"""Units per layer after compaction, in the notation of the LeNet-5-Caffe papers: each conv layer's filters,
-each linear layer's inputs (20-50-800-500 for the dense LeNet-5-Caffe), from each completed run's compact.pt;
-one row per (model, method, setting): the rounded mean over seeds and every seed's units.
+"""Units per layer after compaction beside error, FLOPs and speedups, as the LeNet-5-Caffe papers report them.
+
+Units: each conv layer's filters, each linear layer's inputs (20-50-800-500 for the dense LeNet-5-Caffe), from
+each completed run's compact.pt; one row per (model, method, setting) of make_table's aggregate: the rounded
+mean over seeds and every seed's units, with the row's error, FLOPs reduction and measured speedups.
 
     python scripts/units_per_layer.py runs/table_mnist --out results/mnist_units.md
 """
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _runs import parse_runs
+from _runs import KEYS, _mean_std, aggregate, parse_runs
 
 
 def units(run_dir) -> list[int] | None:
@@ -26,19 +28,39 @@ def units(run_dir) -> list[int] | None:
             if s["type"] in ("Conv2d", "Linear")]
 
 
-def rows(records) -> list[dict]:
+def per_seed_units(group) -> dict[int, list[int]] | None:
+    """{seed: units} of a table row's completed runs; None when a run has no compact model or the models do
+    not compare layer by layer."""
+    per_seed = {int(r.seed): units(r.run) for r in group.itertuples()}
+    if any(u is None for u in per_seed.values()) or len({len(u) for u in per_seed.values()}) != 1:
+        return None
+    return per_seed
+
+
+def rows(records) -> list[list[str]]:
+    """One row per (model, method, setting), read from make_table's aggregate: error (100 - final test acc)
+    mean ± std over seeds, units per layer (rounded mean over seeds), FLOPs reduction, CPU and ONNX Runtime
+    speedups at batch 1 / 64, and every seed's units."""
     done = records[records["status"] == "completed"]
+    table = aggregate(records).set_index(KEYS)
+    table["error_mean"], table["error_std"] = 1 - table["final_test_acc_mean"], table["final_test_acc_std"]
+    percent, times = (lambda x: f"{100 * x:.2f}"), (lambda x: f"{x:.2f}")
     out = []
-    for (model, method, setting), group in done.groupby(["model", "method", "setting"], sort=False):
-        per_seed = {int(r.seed): u for r in group.itertuples() if (u := units(r.run)) is not None}
-        shapes = {len(u) for u in per_seed.values()}
-        if len(shapes) != 1:
-            continue  # no compact model, or models that do not compare layer by layer
+    for key, group in done.groupby(KEYS, sort=True):
+        per_seed = per_seed_units(group)
+        if per_seed is None:
+            continue
+        r = table.loc[key]
         mean = np.mean(list(per_seed.values()), axis=0)
-        out.append({"model": model, "method": method, "setting": setting, "seeds": len(per_seed),
-                    "units": "-".join(f"{m:.0f}" for m in mean),
-                    "per_seed": "; ".join(f"seed {s}: {'-'.join(map(str, u))}" for s, u in sorted(per_seed.items()))})
+        out.append([key[1], key[2], key[3] or "-", str(len(per_seed)), _mean_std(r, "error", percent),
+                    "-".join(f"{m:.0f}" for m in mean), _mean_std(r, "flops_reduction", times),
+                    *(" / ".join(_mean_std(r, f"speedup_{d}_b{b}", times) for b in (1, 64)) for d in ("cpu", "ort_cpu")),
+                    "; ".join(f"seed {s}: {'-'.join(map(str, u))}" for s, u in sorted(per_seed.items()))])
     return out
+
+
+HEAD = ["model", "method", "setting", "seeds", "error (%)", "units per layer", "FLOPs reduction (×)",
+        "CPU speedup b1 / b64 (×)", "ONNX Runtime CPU speedup b1 / b64 (×)", "units per seed"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,10 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     args, records, command = parse_runs(parser, "scripts/units_per_layer.py", argv)
     lines = [f"<!-- {command} -->", "",
-             "Units per layer after compaction (conv filters, linear inputs), rounded mean over seeds.", "",
-             "| model | method | setting | seeds | units per layer | per seed |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['method']} | {r['setting'] or '-'} | {r['seeds']} | {r['units']} | "
-              f"{r['per_seed']} |" for r in rows(records)]
+             "Error = 100 − final test accuracy (%), mean ± sample std over seeds; units per layer after "
+             "compaction (conv filters, linear inputs), rounded mean over seeds; FLOPs reduction and measured "
+             "speedups of the compacted model against the dense one, as in the table from make_table.", "",
+             "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows(records)]
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

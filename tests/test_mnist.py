@@ -219,7 +219,8 @@ def test_lenet5_caffe_compacts_to_the_published_widths_exactly(conv_relu):
 
 
 def test_units_per_layer_reads_the_compact_models(tmp_path):
-    """scripts/units_per_layer.py: conv filters and linear inputs of each run's compact.pt, mean over seeds."""
+    """scripts/units_per_layer.py: conv filters and linear inputs of each run's compact.pt, mean over seeds,
+    beside the row's error (100 - final test acc), FLOPs reduction and speedups, mean ± std over seeds."""
     import json
     import sys
 
@@ -239,12 +240,15 @@ def test_units_per_layer_reads_the_compact_models(tmp_path):
         run.mkdir(parents=True)
         save_compact(compact(model, x), run / "compact.pt",
                      {"name": "lenet5_caffe", "num_classes": 10, "in_channels": 1, "image_size": 28})
+        final = {"test_acc": 0.99 - seed / 100, "flops_reduction": 4.0 + seed, "speedup_cpu_b1": 2.0,
+                 "speedup_cpu_b64": 3.0, "speedup_ort_cpu_b1": 5.0, "speedup_ort_cpu_b64": 7.0}
         (run / "summary.json").write_text(json.dumps({"status": "completed", "method": "m", "seed": seed,
-                                                      "dataset": "mnist", "model": "lenet5_caffe"}))
+                                                      "dataset": "mnist", "model": "lenet5_caffe", "final": final}))
         (run / "config.yaml").write_text(f"seed: {seed}\n")
     units_per_layer.main([str(tmp_path / "runs"), "--out", str(tmp_path / "units.md")])
     text = (tmp_path / "units.md").read_text()
-    assert "| lenet5_caffe | m | - | 2 | 3-13-208-500 | seed 0: 3-12-192-500; seed 1: 3-14-224-500 |" in text
+    assert ("| lenet5_caffe | m | - | 2 | 1.50 ± 0.71 | 3-13-208-500 | 4.50 ± 0.71 | 2.00 ± 0.00 / 3.00 ± 0.00 | "
+            "5.00 ± 0.00 / 7.00 ± 0.00 | seed 0: 3-12-192-500; seed 1: 3-14-224-500 |") in text
 
 
 def test_a_failed_download_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
