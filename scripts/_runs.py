@@ -48,6 +48,7 @@ METRICS = {
     "latency_ms_cpu_b64": "latency_ms_cpu_b64_compact",  # the final (compacted) model's own latency
     "latency_ms_ort_cpu_b64": "latency_ms_ort_cpu_b64_compact",
     "mean_width": "mean_width",  # GBLR: mean width of its layers (fraction of full rank)
+    "train_time_s": "wall_time_s",  # the run's training time: its epochs, over every resume (measurement excluded)
 }
 KEYS = ["dataset", "model", "method", "setting"]
 # Config entries that never define a different experiment: they are not part of a run's `setting`.
@@ -354,9 +355,10 @@ MD_COLUMNS = {  # metric -> (header, format of a value); shown as mean ± std ov
     "latency_ms_cpu_b64": ("CPU latency b64 (ms)", lambda x: f"{x:.2f}"),
     "latency_ms_ort_cpu_b64": ("ONNX Runtime CPU latency b64 (ms)", lambda x: f"{x:.2f}"),
     "mean_width": ("GBLR mean width", lambda x: f"{x:.3f}"),
+    "train_time_s": ("training time (min)", lambda x: f"{x / 60:.1f}"),
 }
 ONLY_WHEN_PRESENT = ("speedup_cuda_b1", "speedup_cuda_b64", "speedup_ort_cpu_b1", "speedup_ort_cpu_b64",
-                     "latency_ms_cpu_b64", "latency_ms_ort_cpu_b64", "mean_width")
+                     "latency_ms_cpu_b64", "latency_ms_ort_cpu_b64", "mean_width", "train_time_s")
 
 
 def _mean_std(row, metric: str, fmt) -> str:
@@ -397,6 +399,10 @@ def markdown(table: pd.DataFrame, bad: pd.DataFrame, command: str) -> str:
         lines += [f"- {_cell(r.method)} {_cell(r.setting) or '-'}: {_cell(r.onnx)}" for r in onnx.itertuples()]
     if table.empty:
         lines += ["", "No run completed: the table is empty."]
+    elif table["train_time_s_mean"].notna().any():
+        total = (table["train_time_s_mean"] * table["n_runs"]).sum() / 3600
+        lines += ["", f"Training time of the {table['n_runs'].sum()} completed runs, summed: {total:.2f} h "
+                      "(runs that ran side by side overlap in wall-clock time; measurement excluded)."]
     lines += ["", f"## Runs not in the table ({len(bad)})", ""]
     lines += [f"- `{r.run}` ({r.method} {r.setting} seed {r.seed}): **{r.status}**: "
               f"{_cell(r.error) or 'no error recorded'}"

@@ -172,6 +172,9 @@ def test_table_header_and_failures_listed(table, runs):
     assert "**failed**: CUDA out of memory" in bad
     assert "**incomplete**: no summary.json: killed or still running (metrics.csv has 2 epochs)" in bad
     assert "seed 4" in bad  # the failed run's identity comes from .hydra/config.yaml
+    df = pd.read_csv(table / "t1.csv", comment="#")  # every run trained for 1 s (wall_time_s)
+    assert (df["train_time_s_mean"] == 1.0).all() and "| training time (min) |" in md
+    assert f"Training time of the {df['n_runs'].sum()} completed runs, summed: 0.00 h" in md
 
 
 def test_table_all_failed_and_no_runs(tmp_path, capsys):
