@@ -47,7 +47,8 @@ def kept_fraction(row) -> tuple[float, str]:
 def placed(table: pd.DataFrame, targets, tolerance: float) -> pd.DataFrame:
     """Every row with its kept fraction, nearest target and `on_target` (within tolerance, not collapsed)."""
     rows = table[table["group_sparsity_mean"].notna()].copy()
-    rows[["kept", "kept_from"]] = rows.apply(lambda r: pd.Series(kept_fraction(r)), axis=1)
+    kept = [kept_fraction(r) for _, r in rows.iterrows()]
+    rows["kept"], rows["kept_from"] = [k for k, _ in kept], [f for _, f in kept]
     rows["target"] = rows["kept"].map(lambda kept: min(targets, key=lambda t: abs(t - kept)))
     rows["collapsed"] = rows["n_collapsed"] > 0
     rows["on_target"] = ((rows["kept"] - rows["target"]).abs() <= tolerance) & ~rows["collapsed"]
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=PLACE_TOLERANCE, help="largest |kept - target| shown")
     args = parser.parse_args(argv)
     try:
-        table = pd.read_csv(args.table, comment="#", keep_default_na=True)
+        table = pd.read_csv(args.table, comment="#", keep_default_na=True, dtype={"setting": str})
     except FileNotFoundError:
         parser.exit(2, f"error: {args.table} not found: run scripts/make_table.py first\n")
     if "n_collapsed" not in table:
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     runs_path = args.runs or str(Path(args.table).with_name(Path(args.table).stem + "_runs.csv"))
     pairs = None
     if Path(runs_path).exists():
-        runs = pd.read_csv(runs_path, comment="#")
+        runs = pd.read_csv(runs_path, comment="#", dtype={"setting": str})
         runs["setting"] = runs["setting"].fillna("")
         pairs = paired_rows(at_targets(rows), runs, args.targets)
     command = command_line("scripts/compare_at_k.py", argv)

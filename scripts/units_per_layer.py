@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from _runs import KEYS, _mean_std, aggregate, parse_runs
@@ -51,11 +52,15 @@ def rows(records) -> list[list[str]]:
         if per_seed is None:
             continue
         r = table.loc[key]
-        mean = np.mean(list(per_seed.values()), axis=0)
-        out.append([key[1], key[2], key[3] or "-", str(len(per_seed)), _mean_std(r, "error", percent),
-                    "-".join(f"{m:.0f}" for m in mean), _mean_std(r, "flops_reduction", times),
+        if pd.notna(r["mean_width_mean"]):  # GBLR: its deployed layers are low-rank or tiled, not fewer units
+            units_cell, seeds_cell = f"low-rank layers (mean width {r['mean_width_mean']:.3f})", "-"
+        else:
+            units_cell = "-".join(f"{m:.0f}" for m in np.mean(list(per_seed.values()), axis=0))
+            seeds_cell = "; ".join(f"seed {s}: {'-'.join(map(str, u))}" for s, u in sorted(per_seed.items()))
+        out.append([key[1], key[2], key[3] or "-", str(len(per_seed)), _mean_std(r, "error", percent), units_cell,
+                    _mean_std(r, "flops_reduction", times),
                     *(" / ".join(_mean_std(r, f"speedup_{d}_b{b}", times) for b in (1, 64)) for d in ("cpu", "ort_cpu")),
-                    "; ".join(f"seed {s}: {'-'.join(map(str, u))}" for s, u in sorted(per_seed.items()))])
+                    seeds_cell])
     return out
 
 

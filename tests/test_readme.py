@@ -69,6 +69,7 @@ def test_make_demo_splices_every_table_into_a_page_that_shows_it():
                                                 ("results/demo_pairs.md", "docs/what_wgsef_adds.md"),
                                                 ("results/models.md", "docs/models.md"),
                                                 ("results/mnist_units.md", "docs/mnist.md"),
+                                                ("results/mnist_at_k.md", "docs/mnist.md"),
                                                 ("results/mnist_units.md", "README.md")}
     for table, page, block in commands:
         text = (ROOT / page).read_text()

@@ -437,6 +437,20 @@ def test_compare_at_k_places_each_method_at_its_kept_fraction(tmp_path):
     assert e.value.code == 2
 
 
+def test_compare_at_k_on_a_table_with_only_dense(tmp_path):
+    """The first finished run of a table is usually dense: nothing to place, no pair, no error."""
+    import compare_at_k
+
+    csv = tmp_path / "t.csv"
+    pd.DataFrame([{"dataset": "mnist", "model": "lenet5_caffe", "method": "dense", "setting": None, "n_runs": 1,
+                   "n_seeds": 1, "final_test_acc_mean": 0.99, "final_test_acc_std": float("nan"),
+                   "group_sparsity_mean": float("nan"), "n_collapsed": 0}]).to_csv(csv, index=False)
+    compare_at_k.main([str(csv), "--targets", "0.15", "0.3", "--out", str(tmp_path / "t.md")])
+    text = (tmp_path / "t.md").read_text()
+    assert "Dense reference (mnist / lenet5_caffe, seeds: 1): 99.00 %." in text
+    assert "No per-run table" in text  # t_runs.csv was not written: said, not raised
+
+
 def demo_records():
     """Records as the demo makes them (VGG16 x0.25 on digits, 10 classes): dense; wgsef at k = 0.25/0.5/0.75
     (lam 1e-3, 2 seeds) plus its lambda characterisation at k = 0.5 (one of them collapsed); group lasso over
