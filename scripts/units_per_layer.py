@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from _runs import KEYS, _mean_std, aggregate, parse_runs
+from _runs import KEYS, MD_COLUMNS, _mean_std, aggregate, parse_runs
 
 
 def units(run_dir) -> list[int] | None:
@@ -45,22 +45,20 @@ def rows(records) -> list[list[str]]:
     done = records[records["status"] == "completed"]
     table = aggregate(records).set_index(KEYS)
     table["error_mean"], table["error_std"] = 1 - table["final_test_acc_mean"], table["final_test_acc_std"]
-    percent, times = (lambda x: f"{100 * x:.2f}"), (lambda x: f"{x:.2f}")
+    percent, times = MD_COLUMNS["final_test_acc"][1], MD_COLUMNS["flops_reduction"][1]
     out = []
     for key, group in done.groupby(KEYS, sort=True):
-        per_seed = per_seed_units(group)
-        if per_seed is None:
-            continue
         r = table.loc[key]
         if pd.notna(r["mean_width_mean"]):  # GBLR: its deployed layers are low-rank or tiled, not fewer units
             units_cell, seeds_cell = f"low-rank layers (mean width {r['mean_width_mean']:.3f})", "-"
-        else:
+        elif (per_seed := per_seed_units(group)) is not None:
             units_cell = "-".join(f"{m:.0f}" for m in np.mean(list(per_seed.values()), axis=0))
             seeds_cell = "; ".join(f"seed {s}: {'-'.join(map(str, u))}" for s, u in sorted(per_seed.items()))
-        out.append([key[1], key[2], key[3] or "-", str(len(per_seed)), _mean_std(r, "error", percent), units_cell,
-                    _mean_std(r, "flops_reduction", times),
-                    *(" / ".join(_mean_std(r, f"speedup_{d}_b{b}", times) for b in (1, 64)) for d in ("cpu", "ort_cpu")),
-                    seeds_cell])
+        else:
+            continue
+        speedups = (" / ".join(_mean_std(r, f"speedup_{d}_b{b}", times) for b in (1, 64)) for d in ("cpu", "ort_cpu"))
+        out.append([key[1], key[2], key[3] or "-", str(r["n_seeds"]), _mean_std(r, "error", percent), units_cell,
+                    _mean_std(r, "flops_reduction", times), *speedups, seeds_cell])
     return out
 
 

@@ -245,17 +245,18 @@ def test_units_per_layer_reads_the_compact_models(tmp_path):
         (run / "summary.json").write_text(json.dumps({"status": "completed", "method": "m", "seed": seed,
                                                       "dataset": "mnist", "model": "lenet5_caffe", "final": final}))
         (run / "config.yaml").write_text(f"seed: {seed}\n")
-    gblr = tmp_path / "runs" / "gblr"  # a GBLR run: low-rank layers, not fewer units
-    gblr.mkdir()
-    save_compact(model, gblr / "compact.pt", {"name": "lenet5_caffe", "num_classes": 10, "in_channels": 1,
-                                              "image_size": 28})
-    (gblr / "summary.json").write_text(json.dumps({"status": "completed", "method": "gblr", "seed": 0,
-                                                   "dataset": "mnist", "model": "lenet5_caffe",
-                                                   "final": {"test_acc": 0.99, "mean_width": 0.15}}))
-    (gblr / "config.yaml").write_text("seed: 0\n")
+    for seed, arch in ((0, "lenet5_caffe"), (1, "lenet5")):  # GBLR: low-rank layers, their count differs by seed
+        gblr = tmp_path / "runs" / f"gblr{seed}"
+        gblr.mkdir()
+        save_compact(build(arch, 10, 1, 28), gblr / "compact.pt",
+                     {"name": arch, "num_classes": 10, "in_channels": 1, "image_size": 28})
+        (gblr / "summary.json").write_text(json.dumps({"status": "completed", "method": "gblr", "seed": seed,
+                                                       "dataset": "mnist", "model": "lenet5_caffe",
+                                                       "final": {"test_acc": 0.99, "mean_width": 0.15}}))
+        (gblr / "config.yaml").write_text(f"seed: {seed}\n")
     units_per_layer.main([str(tmp_path / "runs"), "--out", str(tmp_path / "units.md")])
     text = (tmp_path / "units.md").read_text()
-    assert "| lenet5_caffe | gblr | - | 1 | 1.00 | low-rank layers (mean width 0.150) | n/a |" in text
+    assert "| lenet5_caffe | gblr | - | 2 | 1.00 ± 0.00 | low-rank layers (mean width 0.150) | n/a |" in text
     assert ("| lenet5_caffe | m | - | 2 | 1.50 ± 0.71 | 3-13-208-500 | 4.50 ± 0.71 | 2.00 ± 0.00 / 3.00 ± 0.00 | "
             "5.00 ± 0.00 / 7.00 ± 0.00 | seed 0: 3-12-192-500; seed 1: 3-14-224-500 |") in text
 
