@@ -399,10 +399,10 @@ def markdown(table: pd.DataFrame, bad: pd.DataFrame, command: str) -> str:
         lines += [f"- {_cell(r.method)} {_cell(r.setting) or '-'}: {_cell(r.onnx)}" for r in onnx.itertuples()]
     if table.empty:
         lines += ["", "No run completed: the table is empty."]
-    elif table["train_time_s_mean"].notna().any():
-        total = (table["train_time_s_mean"] * table["n_runs"]).sum() / 3600
-        lines += ["", f"Training time of the {table['n_runs'].sum()} completed runs, summed: {total:.2f} h "
-                      "(runs that ran side by side overlap in wall-clock time; measurement excluded)."]
+    elif (timed := table[table["train_time_s_mean"].notna()]).size:
+        total = (timed["train_time_s_mean"] * timed["n_runs"]).sum() / 3600
+        lines += ["", f"Training time of the {timed['n_runs'].sum()} completed runs that record it, summed: "
+                      f"{total:.2f} h (runs that ran side by side overlap in wall-clock time; measurement excluded)."]
     lines += ["", f"## Runs not in the table ({len(bad)})", ""]
     lines += [f"- `{r.run}` ({r.method} {r.setting} seed {r.seed}): **{r.status}**: "
               f"{_cell(r.error) or 'no error recorded'}"

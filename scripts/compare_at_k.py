@@ -5,10 +5,10 @@
 From a make_table CSV, one block per kept fraction of groups. k-based methods (wgsef, wgsef_cont, gmp,
 magnitude, wgsef+hspg) sit at their k; lambda-based ones (group lasso, HSPG) at the target nearest to their
 measured kept fraction (1 - group sparsity), when within --tolerance. A row with a collapsed run (final test
-accuracy at most 2 x chance: the one definition, scripts/_runs.py and docs/metrics.md) is not placed. A method that has no row on a target without collapsing gets
-one row saying "did not reach the target" (and its nearest attempt) instead of a number. Dense is the
-reference line. SSL (its sparsity pools filter and shape groups), SR-STE and GBLR have no comparable kept
-fraction of filter groups and are left out.
+accuracy at most 2 x chance: the one definition, scripts/_runs.py and docs/metrics.md) is not placed. A method
+that has no row on a target without collapsing gets one row saying "did not reach the target" (and its nearest
+attempt) instead of a number. Dense is the reference line. SSL (its sparsity pools filter and shape groups),
+SR-STE and GBLR have no comparable kept fraction of filter groups and are left out.
 
 Paired differences (from the per-run CSV that make_table writes beside the table, <name>_runs.csv): for each
 pair in PAIRS and each target where both are on target, the final test accuracy of A minus B seed by seed

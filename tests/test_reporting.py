@@ -174,7 +174,7 @@ def test_table_header_and_failures_listed(table, runs):
     assert "seed 4" in bad  # the failed run's identity comes from .hydra/config.yaml
     df = pd.read_csv(table / "t1.csv", comment="#")  # every run trained for 1 s (wall_time_s)
     assert (df["train_time_s_mean"] == 1.0).all() and "| training time (min) |" in md
-    assert f"Training time of the {df['n_runs'].sum()} completed runs, summed: 0.00 h" in md
+    assert f"Training time of the {df['n_runs'].sum()} completed runs that record it, summed: 0.00 h" in md
 
 
 def test_table_all_failed_and_no_runs(tmp_path, capsys):
