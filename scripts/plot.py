@@ -424,12 +424,13 @@ def layer_widths(run_dir, title: str = "") -> Figure | None:
 
 
 def save(fig: Figure, out: Path, name: str, command: str = "") -> list[Path]:
-    """`out/name`.png (300 dpi) and .pdf; `name` may hold a subfolder (widths/...)."""
+    """`out/name`.png (300 dpi) and .pdf; `name` may hold a subfolder (widths/...). The PDF carries no
+    creation date, so redrawing unchanged data rewrites the same bytes (no churn in committed figures)."""
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     with paper():
         fig.savefig(paths[0], dpi=DPI, bbox_inches="tight", pad_inches=0.02, metadata={"Description": command})
-        fig.savefig(paths[1], bbox_inches="tight", pad_inches=0.02, metadata={"Subject": command})
+        fig.savefig(paths[1], bbox_inches="tight", pad_inches=0.02, metadata={"Subject": command, "CreationDate": None})
     return paths
 
 

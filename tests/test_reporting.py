@@ -213,6 +213,15 @@ def test_plot_writes_every_figure(runs, tmp_path, capsys):
         assert width <= 7 * 300 + 10 and height <= 9 * 300, (stem, width, height)
 
 
+def test_redrawn_figures_are_byte_identical(runs, tmp_path):
+    """No creation date in the PDFs: redrawing the same runs rewrites the same bytes (no churn in git)."""
+    plot.main([str(runs), "--out", str(tmp_path)])
+    first = {p: p.read_bytes() for p in tmp_path.rglob("*.pdf")}
+    plot.main([str(runs), "--out", str(tmp_path)])
+    assert first and all(b"/CreationDate" not in data for data in first.values())
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.pdf")} == first
+
+
 def test_legends_inside_the_image(runs):
     """Every figure's legend lies inside the figure it is saved with (none cut off at any edge)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
