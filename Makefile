@@ -153,6 +153,8 @@ mnist-report: $(STAMP) ## the MNIST table, figures and units per layer from runs
 	$(PY) scripts/readme_table.py results/mnist_units.md docs/mnist.md mnist-ours
 	$(PY) scripts/readme_table.py results/mnist_at_k.md docs/mnist.md mnist-at-k
 	$(PY) scripts/readme_table.py results/mnist_units.md README.md mnist-ours
+	$(PY) scripts/mnist_vs_published.py results/mnist.csv --out results/mnist_published.md --figure results/figures/mnist/vs_published.png
+	$(PY) scripts/readme_table.py results/mnist_published.md README.md mnist-published
 
 reproduce-table-fmnist: $(STAMP) ## Fashion-MNIST table: LeNet-5/VGG16/ResNet18/MobileNetV1 x methods x 3 seeds (GPU advised)
 	$(TRAIN) experiment=table_fmnist

@@ -340,6 +340,12 @@ def command_line(script: str, argv: list[str] | None = None) -> str:
     return shlex.join(["python", *(sys.argv if argv is None else [script, *argv])])
 
 
+def table_lines(head: list[str], rows: list[list]) -> list[str]:
+    """A markdown table: header, rule, one line per row of cells."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(map(str, cells)) + " |" for cells in rows)]
+
+
 MD_COLUMNS = {  # metric -> (header, format of a value); shown as mean ± std over seeds
     "test_acc": ("test acc (%)", lambda x: f"{100 * x:.2f}"),
     "final_test_acc": ("final test acc (%)", lambda x: f"{100 * x:.2f}"),

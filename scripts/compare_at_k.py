@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from _runs import COLLAPSE_FACTOR, MD_COLUMNS, PLACE_TOLERANCE, _mean_std, command_line
+from _runs import COLLAPSE_FACTOR, MD_COLUMNS, PLACE_TOLERANCE, _mean_std, command_line, table_lines
 
 NOT_COMPARED = {"dense", "ssl", "srste", "gblr"}
 K_SETTING = re.compile(r"(?:^|, )k=([0-9.]+)")
@@ -119,11 +119,6 @@ def paired_rows(on_target: pd.DataFrame, runs: pd.DataFrame, targets) -> list[li
 def pm(row, metric: str) -> str:
     """mean ± std of `metric`, formatted as make_table's markdown formats it."""
     return _mean_std(row, metric, MD_COLUMNS[metric][1])
-
-
-def table_lines(head: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-            *("| " + " | ".join(map(str, cells)) + " |" for cells in rows)]
 
 
 def markdown(rows: pd.DataFrame, misses: list[dict], dense: pd.DataFrame, pairs: list[list[str]] | None,

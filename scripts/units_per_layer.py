@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from _runs import KEYS, MD_COLUMNS, _mean_std, aggregate, parse_runs
+from _runs import KEYS, MD_COLUMNS, _mean_std, aggregate, parse_runs, table_lines
 
 
 def units(run_dir) -> list[int] | None:
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> None:
              "Error = 100 − final test accuracy (%), mean ± sample std over seeds; units per layer after "
              "compaction (conv filters, linear inputs), rounded mean over seeds; FLOPs reduction and measured "
              "speedups of the compacted model against the dense one, as in the table from make_table.", "",
-             "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows(records)]
+             *table_lines(HEAD, rows(records))]
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

