@@ -94,7 +94,7 @@ def figure(our: pd.DataFrame, pub: pd.DataFrame) -> Figure:
                    label="published (units per layer on our FLOPs count)")
         for r in pub.itertuples():
             ax.annotate(r.label, (r.flops_reduction, r.error), xytext=(2, 3), textcoords="offset points",
-                        fontsize=6, rotation=30)
+                        fontsize=6, rotation=30, zorder=1.5)  # under the markers: a label never hides a row
         _log(ax, "x")
         ax.set(title="LeNet-5-Caffe on MNIST: ours (12 epochs) beside the published rows (mostly 200 epochs)",
                xlabel="FLOPs reduction (dense / compact, conv + linear MACs; rows at one value spread sideways)",
