@@ -340,12 +340,6 @@ def command_line(script: str, argv: list[str] | None = None) -> str:
     return shlex.join(["python", *(sys.argv if argv is None else [script, *argv])])
 
 
-def table_lines(head: list[str], rows: list[list]) -> list[str]:
-    """A markdown table: header, rule, one line per row of cells."""
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-            *("| " + " | ".join(map(str, cells)) + " |" for cells in rows)]
-
-
 MD_COLUMNS = {  # metric -> (header, format of a value); shown as mean ± std over seeds
     "test_acc": ("test acc (%)", lambda x: f"{100 * x:.2f}"),
     "final_test_acc": ("final test acc (%)", lambda x: f"{100 * x:.2f}"),
@@ -378,6 +372,12 @@ def _cell(x) -> str:
     return str(x).replace("|", "\\|").replace("\n", " ")
 
 
+def table_lines(head: list[str], rows: list[list]) -> list[str]:
+    """A markdown table: header, rule, one line per row of cells (each cell escaped by _cell)."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(map(_cell, cells)) + " |" for cells in rows)]
+
+
 def markdown(table: pd.DataFrame, bad: pd.DataFrame, command: str) -> str:
     metrics = [m for m in MD_COLUMNS if m not in ONLY_WHEN_PRESENT or table[f"{m}_mean"].notna().any()]
     extra = ["flops-only structures"] if table["flops_only"].astype(bool).any() else []
@@ -385,11 +385,9 @@ def markdown(table: pd.DataFrame, bad: pd.DataFrame, command: str) -> str:
     lines = [f"<!-- command: {command} -->", "",
              "Mean ± sample std over seeds; test acc is the test accuracy at the best-validation epoch, final "
              "test acc that of the final model (the one sparsity, reductions and speedups describe).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, row in table.iterrows():
-        cells = [row["dataset"], row["model"], row["method"], row["setting"] or "-", row["n_seeds"],
-                 *(_mean_std(row, m, MD_COLUMNS[m][1]) for m in metrics), *([row["flops_only"]] if extra else [])]
-        lines.append("| " + " | ".join(map(_cell, cells)) + " |")
+             *table_lines(head, [[row["dataset"], row["model"], row["method"], row["setting"] or "-", row["n_seeds"],
+                                  *(_mean_std(row, m, MD_COLUMNS[m][1]) for m in metrics),
+                                  *([row["flops_only"]] if extra else [])] for _, row in table.iterrows()])]
     dup = table[table["n_runs"] != table["n_seeds"]]
     for _, row in dup.iterrows():
         lines += ["", f"Note: {row['method']} {row['setting']} has {row['n_runs']} runs but only "

@@ -111,10 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="markdown file to write (the published rows, both counts)")
     parser.add_argument("--figure", required=True, help="the figure's PNG path (its PDF goes beside it)")
     args = parser.parse_args(argv)
-    for path in (args.table, args.published):
+    for path, hint in ((args.table, ": run `make mnist-report` first"), (args.published, "")):
         if not Path(path).exists():
-            parser.exit(2, f"error: {path} not found" + (": run `make mnist-report` first\n"
-                                                         if path == args.table else "\n"))
+            parser.exit(2, f"error: {path} not found{hint}\n")
     pub = published(Path(args.published))
     our = ours(pd.read_csv(args.table, comment="#", dtype={"setting": str}))
     if our.empty:

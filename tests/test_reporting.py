@@ -195,6 +195,13 @@ def test_csv_quotes_cells_with_hash(tmp_path):
     assert df["flops_only"].iloc[0] == "a#b" and df["test_acc_mean"].iloc[0] == pytest.approx(0.9)
 
 
+def test_a_cell_with_a_pipe_or_newline_stays_one_cell():
+    """Every markdown table (make_table, compare_at_k, units_per_layer, mnist_vs_published) goes through
+    table_lines, which escapes | and folds newlines, so one odd value cannot add columns or break a row."""
+    lines = _runs.table_lines(["a", "b"], [["x|y", "two\nlines"], [1.5, None]])
+    assert lines == ["| a | b |", "|---|---|", "| x\\|y | two lines |", "| 1.5 | None |"]
+
+
 FIGURES = ["acc_vs_sparsity", "acc_vs_flops", "sparsity_over_epochs", "lambda_k", "speedup_vs_flops"]
 
 
